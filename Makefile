@@ -1,0 +1,34 @@
+# kvrelay: the README's two commands are `make serve` and `make test`; both set up .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+# A CPU-only machine must not pull torch's multi-GB CUDA build: pin the CPU build there (pip finds it locally
+# or on the index configured for pip). Where a GPU is present, any torch the range in pyproject.toml allows.
+TORCH_CPU_SPEC ?= torch==2.13.0
+
+.PHONY: install test lint serve clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@if ! $(BIN)/python -c "import torch" 2>/dev/null; then \
+	  if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/python -m pip install -q "torch>=2.4"; \
+	  else $(BIN)/python -m pip install -q "$(TORCH_CPU_SPEC)"; fi; fi
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+serve: $(STAMP)
+	@echo "make serve starts the disaggregated server; it lands with the serving system (issue 4)." >&2; exit 2
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

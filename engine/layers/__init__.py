@@ -1,0 +1,1 @@
+"""Model building blocks. Tensor-parallel layers hold every collective the model runs."""

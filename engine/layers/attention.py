@@ -1,0 +1,102 @@
+"""Paged attention: append this step's K/V into the cache blocks, then attend over each sequence's blocks.
+
+The KV cache of one layer is two tensors [num_blocks, block_size, num_kv_heads, head_dim] (K and V) bound by the
+runner. Token t of a sequence lives in block block_table[t // block_size] at offset t % block_size; the runner
+turns that into `slot_mapping`. Cached K/V are never rewritten: each step only appends.
+
+The backend here is portable torch (CPU and CUDA): fresh prefills run causal SDPA on the new K/V directly; any
+batch that reads cached KV (decode, chunked prefill, prefix hits) gathers each sequence's blocks into a padded
+[num_seqs, max_blocks * block_size] view and runs one masked SDPA. A fused paged kernel can replace
+`paged_attention` for GPU decode without touching anything else.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.layers.attention_context import AttentionMetadata, get_attention_metadata
+
+
+def _mask(meta: AttentionMetadata, kv_len: int, window: int | None) -> torch.Tensor:
+    """[num_seqs, 1, max_query_len, kv_len] bool: query at position p sees keys at positions in (p - window, p]."""
+    mask = meta.masks.get(window)
+    if mask is None or mask.shape[-1] != kv_len:
+        kv_pos = torch.arange(kv_len, device=meta.query_positions.device)
+        qp = meta.query_positions.unsqueeze(-1)  # [B, Q, 1]
+        mask = kv_pos <= qp
+        if window is not None:
+            mask &= kv_pos > qp - window
+        mask = mask.unsqueeze(1)
+        meta.masks[window] = mask
+    return mask
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    # q: [num_tokens, H, D]; caches: [num_blocks, block_size, Hkv, D] -> [num_tokens, H, D]
+    num_seqs, max_q = meta.query_positions.shape
+    h, d = q.shape[1], q.shape[2]
+    qp = q.new_zeros(num_seqs * max_q, h, d)
+    qp[meta.query_pad_index] = q
+    qp = qp.view(num_seqs, max_q, h, d).transpose(1, 2)  # [B, H, Q, D]
+    bs, hkv = k_cache.shape[1], k_cache.shape[2]
+    kv_len = meta.block_tables.shape[1] * bs
+    k = k_cache[meta.block_tables].view(num_seqs, kv_len, hkv, d).transpose(1, 2)  # [B, Hkv, L, D]
+    v = v_cache[meta.block_tables].view(num_seqs, kv_len, hkv, d).transpose(1, 2)
+    out = F.scaled_dot_product_attention(
+        qp, k, v, attn_mask=_mask(meta, kv_len, window), scale=scale, enable_gqa=hkv != h
+    )  # [B, H, Q, D]
+    return out.transpose(1, 2).reshape(num_seqs * max_q, h, d)[meta.query_pad_index]
+
+
+def prefill_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    # Fresh prompts: causal attention over the step's own K/V, one SDPA per sequence. q: [T, H, D]; k, v: [T, Hkv, D]
+    out = torch.empty_like(q)
+    gqa = k.shape[1] != q.shape[1]
+    for b in range(len(meta.query_start) - 1):
+        s, e = meta.query_start[b], meta.query_start[b + 1]
+        o = F.scaled_dot_product_attention(
+            q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
+            is_causal=True, scale=scale, enable_gqa=gqa,
+        )  # [H, len, D]
+        out[s:e] = o.transpose(0, 1)
+    return out
+
+
+class Attention(nn.Module):
+    """Attention over the paged KV cache for this rank's heads. `k_cache`/`v_cache` are bound by the runner."""
+
+    def __init__(self, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 sliding_window: int | None = None) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim ** -0.5
+        self.sliding_window = sliding_window
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q: [T, H, D]; k, v: [T, Hkv, D] -> [T, H * D]
+        meta = get_attention_metadata()
+        d = self.head_dim
+        self.k_cache.view(-1, self.num_kv_heads, d)[meta.slot_mapping] = k
+        self.v_cache.view(-1, self.num_kv_heads, d)[meta.slot_mapping] = v
+        if meta.on_layer_kv_written is not None:
+            meta.on_layer_kv_written(self.layer_idx)
+        longest = max(meta.seq_lens_host)
+        if meta.all_fresh_prefill and (self.sliding_window is None or longest <= self.sliding_window):
+            out = prefill_attention(q, k, v, meta, self.scale)
+        else:
+            out = paged_attention(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window)
+        return out.reshape(q.shape[0], self.num_heads * d)

@@ -1,0 +1,56 @@
+"""Per-step attention metadata, handed to the attention layers through a context manager.
+
+The runner builds one `AttentionMetadata` per step (from the scheduler output) and enters `attention_context`
+around the model's forward; each `Attention` layer reads it with `get_attention_metadata()`. So the model's
+forward signature stays `forward(input_ids, positions)` and model code never sees scheduling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Describes a flat batch of `num_tokens` tokens from `num_seqs` sequences.
+
+    Sequence b contributes tokens [query_start[b], query_start[b+1]) of the batch; after this step it has
+    `seq_lens[b]` tokens of KV, the new ones at its last positions.
+    """
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64: cache slot (block * block_size + offset) of each new token
+    query_start: list[int]  # host copy, length num_seqs + 1
+    seq_lens_host: list[int]  # host copy, length num_seqs
+    seq_lens: torch.Tensor  # [num_seqs] int64
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int64, padded with 0
+    query_positions: torch.Tensor  # [num_seqs, max_query_len] int64 absolute positions; padding -> 0
+    query_pad_index: torch.Tensor  # [num_tokens] int64: flat token -> b * max_query_len + i
+    max_query_len: int
+    all_fresh_prefill: bool  # every sequence starts at position 0 (no cached KV is read)
+    # Called after layer i has written this step's KV: kv_transfer sends layer i while layer i+1 computes.
+    on_layer_kv_written: Callable[[int], None] | None = None
+    # Memo of masks per sliding window, built on first use by a layer and shared by the rest.
+    masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+
+
+_CURRENT: AttentionMetadata | None = None
+
+
+@contextlib.contextmanager
+def attention_context(meta: AttentionMetadata) -> Iterator[AttentionMetadata]:
+    global _CURRENT
+    prev, _CURRENT = _CURRENT, meta
+    try:
+        yield meta
+    finally:
+        _CURRENT = prev
+
+
+def get_attention_metadata() -> AttentionMetadata:
+    if _CURRENT is None:
+        raise RuntimeError("attention layers run only inside attention_context(...) (set by the model runner)")
+    return _CURRENT

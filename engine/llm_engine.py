@@ -1,0 +1,177 @@
+"""The step-level engine: add requests, step, abort, and read streamed outputs.
+
+Workers drive this API; `LLM.generate` is a loop over it. One `step()` = schedule, one forward pass, update the
+scheduler with the sampled tokens, then detokenize and apply stop strings for the requests that advanced.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from engine.config import CacheConfig, ModelConfig, SchedulerConfig
+from engine.models.hf_config import load_model_config
+from engine.outputs import Logprob, RequestOutput
+from engine.runner import ModelRunner
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    device: str = "cpu"
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str, *, dtype: str = "auto", device: str = "cpu", block_size: int = 16,
+                       num_blocks: int | None = None, kv_cache_memory: int | None = None,
+                       gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
+                       max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
+                       enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True) -> EngineConfig:
+        model = load_model_config(model_dir, dtype)
+        if max_model_len is None:
+            max_model_len = min(model.max_position_embeddings, 8192)
+        elif max_model_len > model.max_position_embeddings:
+            raise ValueError(f"max_model_len {max_model_len} exceeds the model's max_position_embeddings "
+                             f"({model.max_position_embeddings})")
+        if not enable_chunked_prefill:
+            max_num_batched_tokens = max(max_num_batched_tokens, max_model_len)
+        return cls(
+            model=model,
+            cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, memory_bytes=kv_cache_memory,
+                              gpu_memory_utilization=gpu_memory_utilization,
+                              enable_prefix_caching=enable_prefix_caching),
+            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                      max_model_len=max_model_len, enable_chunked_prefill=enable_chunked_prefill),
+            device=device,
+        )
+
+
+class _RequestState:
+    """Output-side state of one request: detokenizer, text so far, how much of it was already streamed."""
+
+    def __init__(self, seq: Sequence, tokenizer: Tokenizer | None) -> None:
+        self.seq = seq
+        self.detok = (IncrementalDetokenizer(tokenizer, seq.token_ids, seq.params.skip_special_tokens)
+                      if tokenizer else None)
+        self.text = ""
+        self.emitted_chars = 0
+        self.emitted_tokens = 0
+        self.logprobs: list[Logprob] | None = [] if seq.params.logprobs is not None else None
+        # A stop string may straddle tokens: hold back this many chars of the text until it can no longer match.
+        self.holdback = max((len(s) for s in seq.params.stop), default=1) - 1
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.tokenizer = Tokenizer.from_model_dir(config.model.model_dir)
+        self.runner = ModelRunner(config.model, config.cache, config.scheduler, config.device)
+        self.scheduler = Scheduler(config.scheduler, config.cache, self.runner.num_blocks,
+                                   eos_token_ids=config.model.eos_token_ids)
+        self._states: dict[str, _RequestState] = {}
+        self._aborted: list[RequestOutput] = []
+        self._arrivals = itertools.count()
+
+    # ---- requests -----------------------------------------------------------------------------------------
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"{self.config.model.model_dir} has no tokenizer.json: give prompts as token ids")
+            return self.tokenizer.encode(prompt)
+        ids = [int(t) for t in prompt]
+        vocab = self.config.model.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        return ids
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+        """Queue a request. Raises ValueError (nothing queued) for an empty/too-long prompt or a reused id."""
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this checkpoint has none (use stop_token_ids)")
+        seq = Sequence(request_id, self.tokenize(prompt), params, arrival=next(self._arrivals))
+        self.scheduler.add(seq)
+        self._states[request_id] = _RequestState(seq, self.tokenizer)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request now and free its blocks; the next `step()` reports it with finish_reason "abort"."""
+        seq = self.scheduler.finish(request_id, "abort")
+        state = self._states.pop(request_id, None)
+        if seq is None or state is None:
+            return False
+        self._aborted.append(self._output(state, [], "", finished=True))
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._aborted)
+
+    # ---- stepping -----------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; return an output for every request that got a token, finished or was aborted."""
+        outputs, self._aborted = self._aborted, []
+        sched_out = self.scheduler.schedule()
+        if sched_out.is_empty:
+            return outputs
+        result = self.runner.execute(sched_out)
+        for seq in self.scheduler.update(sched_out, result.token_ids):
+            state = self._states[seq.request_id]
+            token = seq.token_ids[-1]
+            if state.logprobs is not None and seq.request_id in result.logprobs:
+                lp, top = result.logprobs[seq.request_id]
+                state.logprobs.append(Logprob(token, lp, top))
+            if state.detok is not None:
+                checked = len(state.text)
+                state.text += state.detok.add(token)
+                self._check_stop_strings(state, checked)
+            finished = seq.is_finished
+            if finished:
+                del self._states[seq.request_id]
+            end = len(state.text) if finished else max(len(state.text) - state.holdback, state.emitted_chars)
+            new_text = state.text[state.emitted_chars:end]
+            state.emitted_chars = end
+            new_tokens = seq.output_token_ids[state.emitted_tokens:]
+            state.emitted_tokens = seq.num_output_tokens
+            outputs.append(self._output(state, new_tokens, new_text, finished))
+        return outputs
+
+    def _check_stop_strings(self, state: _RequestState, checked: int) -> None:
+        """Cut the text at the first stop string and finish; text before `checked` held no match already."""
+        seq = state.seq
+        if not seq.params.stop:
+            return
+        hits = [i for i in (state.text.find(s, max(0, checked - len(s) + 1)) for s in seq.params.stop) if i >= 0]
+        if hits:
+            state.text = state.text[: min(hits)]
+            if not seq.is_finished:
+                self.scheduler.finish(seq.request_id, "stop")
+            seq.finish_reason = "stop"
+
+    def _output(self, state: _RequestState, new_tokens: list[int], new_text: str, finished: bool) -> RequestOutput:
+        seq = state.seq
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
+            token_ids=seq.output_token_ids,
+            text=state.text,
+            new_token_ids=new_tokens,
+            new_text=new_text,
+            finished=finished,
+            finish_reason=seq.finish_reason if finished else None,
+            logprobs=list(state.logprobs) if state.logprobs is not None else None,
+            num_cached_tokens=seq.num_cached_tokens,
+        )
+
+    # ---- stats --------------------------------------------------------------------------------------------
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        b = self.scheduler.blocks
+        return b.prefix_hits / b.prefix_queries if b.prefix_queries else 0.0
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.scheduler.blocks.num_free_blocks

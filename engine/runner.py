@@ -1,0 +1,149 @@
+"""Model runner: owns the model and the KV tensors; turns a `SchedulerOutput` into one forward pass and samples.
+
+It is the only place that touches both scheduling data and tensors. Per step it builds flat token ids, positions,
+the slot mapping (where each new K/V goes) and the attention metadata, runs the model inside the attention
+context, computes logits only for rows that sample, and synchronises with the host once to read the tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import CacheConfig, ModelConfig, SchedulerConfig
+from engine.distributed.parallel_state import get_tp
+from engine.layers.attention import Attention
+from engine.layers.attention_context import AttentionMetadata, attention_context
+from engine.models.loader import TORCH_DTYPES, load_model
+from engine.sampler import Sampler
+from engine.scheduler import SchedulerOutput
+
+CPU_DEFAULT_KV_BYTES = 1 << 30  # with no budget given on CPU: 1 GiB of KV
+
+
+@dataclass
+class StepResult:
+    """Tokens sampled this step, by request id (only requests whose chunk reached their last token)."""
+
+    token_ids: dict[str, int]
+    # request id -> (logprob of the sampled token, [(token id, logprob)] top-n), for requests that asked.
+    logprobs: dict[str, tuple[float, list[tuple[int, float]]]]
+
+
+class ModelRunner:
+    def __init__(self, model: ModelConfig, cache: CacheConfig, sched: SchedulerConfig, device: str = "cpu") -> None:
+        self.model_config, self.cache_config = model, cache
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.dtype = TORCH_DTYPES[model.dtype]
+        self.block_size = cache.block_size
+        self.model = load_model(model, self.device, max_positions=sched.max_model_len)
+        self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.num_blocks = self._num_blocks()
+        self._allocate_kv_cache()
+        self.sampler = Sampler(self.device)
+
+    # ---- KV memory ----------------------------------------------------------------------------------------
+    @property
+    def kv_block_bytes(self) -> int:
+        """Bytes one block takes on this rank over all layers (K and V, this rank's KV heads)."""
+        a = self.attn_layers[0]
+        return 2 * len(self.attn_layers) * self.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+
+    def _num_blocks(self) -> int:
+        c = self.cache_config
+        if c.num_blocks is not None:
+            return c.num_blocks
+        budget = c.memory_bytes
+        if budget is None:
+            if self.device.type == "cuda":
+                free, total = torch.cuda.mem_get_info(self.device)
+                # Leave (1 - utilization) of the card plus room for activations of one step.
+                budget = int(free - total * (1 - c.gpu_memory_utilization))
+            else:
+                budget = CPU_DEFAULT_KV_BYTES
+        blocks = budget // self.kv_block_bytes
+        if blocks < 1:
+            raise ValueError(f"KV budget of {budget} bytes is less than one block ({self.kv_block_bytes} bytes)")
+        return int(blocks)
+
+    def _allocate_kv_cache(self) -> None:
+        a = self.attn_layers[0]
+        # [2, layers, num_blocks, block_size, kv_heads, head_dim]: one allocation, per-layer views bound below.
+        self.kv_cache = torch.zeros(2, len(self.attn_layers), self.num_blocks, self.block_size, a.num_kv_heads,
+                                    a.head_dim, dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(self.attn_layers):
+            layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+
+    # ---- one step -----------------------------------------------------------------------------------------
+    def _prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start = [0]
+        seq_lens: list[int] = []
+        max_q = max(len(s.token_ids) for s in out.seqs)
+        max_blocks = max(len(s.block_table) for s in out.seqs)
+        tables: list[list[int]] = []
+        qpos: list[list[int]] = []
+        pad_index: list[int] = []
+        for b, s in enumerate(out.seqs):
+            n = len(s.token_ids)
+            input_ids.extend(s.token_ids)
+            pos = range(s.start, s.start + n)
+            positions.extend(pos)
+            slots.extend(s.block_table[p // bs] * bs + p % bs for p in pos)
+            query_start.append(query_start[-1] + n)
+            seq_lens.append(s.start + n)
+            tables.append(s.block_table + [0] * (max_blocks - len(s.block_table)))
+            qpos.append(list(pos) + [0] * (max_q - n))
+            pad_index.extend(range(b * max_q, b * max_q + n))
+
+        def dev(x: list) -> torch.Tensor:
+            return torch.tensor(x, dtype=torch.int64).to(self.device, non_blocking=True)
+
+        meta = AttentionMetadata(
+            slot_mapping=dev(slots),
+            query_start=query_start,
+            seq_lens_host=seq_lens,
+            seq_lens=dev(seq_lens),
+            block_tables=dev(tables),
+            query_positions=dev(qpos),
+            query_pad_index=dev(pad_index),
+            max_query_len=max_q,
+            all_fresh_prefill=all(s.start == 0 for s in out.seqs),
+        )
+        return dev(input_ids), dev(positions), meta
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput, on_layer_kv_written: Callable[[int], None] | None = None) -> StepResult:
+        input_ids, positions, meta = self._prepare(out)
+        meta.on_layer_kv_written = on_layer_kv_written
+        with attention_context(meta):
+            hidden = self.model(input_ids, positions)  # [num_tokens, hidden]
+        rows = [b for b, s in enumerate(out.seqs) if s.sample]
+        if not rows:
+            return StepResult({}, {})
+        last = torch.tensor([meta.query_start[b + 1] - 1 for b in rows]).to(self.device, non_blocking=True)
+        logits = self.model.compute_logits(hidden[last])  # [num_sampled, vocab]
+        if get_tp().rank != 0:
+            return StepResult({}, {})  # only rank 0 samples; other ranks just took part in the collectives
+        seqs = [out.seqs[b] for b in rows]
+        so = self.sampler(logits, [s.params for s in seqs], [s.num_output_tokens for s in seqs])
+        tokens = so.token_ids.tolist()  # the step's one host synchronisation
+        result = StepResult({s.request_id: t for s, t in zip(seqs, tokens)}, {})
+        if so.sampled_logprobs is not None:
+            lp = so.sampled_logprobs.tolist()
+            top_lp = so.top_logprobs.tolist() if so.top_logprobs is not None else None
+            top_ids = so.top_token_ids.tolist() if so.top_token_ids is not None else None
+            for i, s in enumerate(seqs):
+                n = s.params.logprobs
+                if n is None:
+                    continue
+                top = list(zip(top_ids[i][:n], top_lp[i][:n])) if top_ids and top_lp and n else []
+                result.logprobs[s.request_id] = (lp[i], top)
+        return result

@@ -1,0 +1,63 @@
+"""Request state inside an engine (pure Python)."""
+
+from __future__ import annotations
+
+import enum
+
+from engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """One request: its tokens, how many of them have KV in the cache, and the blocks holding that KV.
+
+    Invariants: `num_computed_tokens <= num_tokens`; the KV of tokens [0, num_computed_tokens) is in the blocks of
+    `block_table`, token i in block `block_table[i // block_size]`. `block_hashes[i]` is the prefix hash of full
+    block i of `token_ids` (filled lazily by the block manager; tokens never change, so hashes never go stale).
+    """
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival: int = 0) -> None:
+        if not prompt_token_ids:
+            raise ValueError(f"request {request_id!r}: the prompt is empty")
+        self.request_id = request_id
+        self.params = params
+        self.arrival = arrival
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at first admission
+        self.admitted = False
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []
+        self.num_cached_blocks = 0  # leading blocks already registered in the prefix cache by this sequence
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: str | None = None
+        self.num_preemptions = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.request_id!r}, tokens={self.num_tokens}, computed={self.num_computed_tokens}, "
+                f"blocks={self.block_table}, {self.status.value})")
