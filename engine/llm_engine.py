@@ -127,6 +127,8 @@ class LLMEngine:
             if state.detok is not None:
                 checked = len(state.text)
                 state.text += state.detok.add(token)
+                if seq.is_finished:
+                    state.text += state.detok.flush()
                 self._check_stop_strings(state, checked)
             finished = seq.is_finished
             if finished:

@@ -13,8 +13,8 @@ from torch import nn
 
 from engine.config import ModelConfig
 from engine.layers.weight_utils import ShapeMismatchError
-from engine.models import MODEL_REGISTRY
 from engine.models.hf_config import CheckpointError
+from engine.models.registry import MODEL_REGISTRY
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Checkpoint tensors we do not need: rotary tables are recomputed from the config.
