@@ -51,16 +51,17 @@ def make_checkpoint(path: str, arch: str = "llama", seed: int = 0, dtype: str = 
     return path
 
 
-def hf_greedy(path: str, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+def hf_greedy(path: str, prompts: list[list[int]], max_new_tokens: int, device: str = "cpu",
+              dtype: str = "float32") -> list[list[int]]:
     """Reference: transformers greedy generation, one prompt at a time (no padding effects)."""
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
     outs = []
     with torch.no_grad():
         for p in prompts:
-            ids = torch.tensor([p])
+            ids = torch.tensor([p], device=device)
             g = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                do_sample=False, eos_token_id=None, pad_token_id=0)
             outs.append(g[0, len(p):].tolist())

@@ -3,9 +3,9 @@
 import random
 
 import pytest
+
 from checkpoints import hf_greedy
 from conftest import VARIANTS
-
 from engine import LLM, SamplingParams
 
 PROMPT_LENS = [1, 7, 16, 17, 64, 133]  # crossing block boundaries (block size 16 and 8)

@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 import torch
-from checkpoints import make_checkpoint
 from safetensors.torch import load_file, save_file
 
+from checkpoints import make_checkpoint
 from engine import LLM, SamplingParams
 from engine.models.hf_config import CheckpointError
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
