@@ -37,6 +37,8 @@ class ModelRunner:
         self.model_config, self.cache_config = model, cache
         self.device = torch.device(device)
         if self.device.type == "cuda":
+            if self.device.index is None:  # "cuda" means the current device; pin it so memory queries work
+                self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
         self.dtype = TORCH_DTYPES[model.dtype]
         self.block_size = cache.block_size
