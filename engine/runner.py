@@ -34,7 +34,7 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model: ModelConfig, cache: CacheConfig, sched: SchedulerConfig, device: str = "cpu") -> None:
-        self.model_config, self.cache_config = model, cache
+        self.model_config, self.cache_config, self.sched_config = model, cache, sched
         self.device = torch.device(device)
         if self.device.type == "cuda":
             if self.device.index is None:  # "cuda" means the current device; pin it so memory queries work
@@ -61,16 +61,29 @@ class ModelRunner:
             return c.num_blocks
         budget = c.memory_bytes
         if budget is None:
-            if self.device.type == "cuda":
-                free, total = torch.cuda.mem_get_info(self.device)
-                # Leave (1 - utilization) of the card plus room for activations of one step.
-                budget = int(free - total * (1 - c.gpu_memory_utilization))
-            else:
-                budget = CPU_DEFAULT_KV_BYTES
+            budget = self._gpu_kv_budget() if self.device.type == "cuda" else CPU_DEFAULT_KV_BYTES
         blocks = budget // self.kv_block_bytes
         if blocks < 1:
             raise ValueError(f"KV budget of {budget} bytes is less than one block ({self.kv_block_bytes} bytes)")
         return int(blocks)
+
+    def _gpu_kv_budget(self) -> int:
+        """This engine may use gpu_memory_utilization of the card: that minus its weights and a reserve for
+        one step's activations is KV, clamped to what is actually free (other processes or engines)."""
+        free, total = torch.cuda.mem_get_info(self.device)
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        m, sc = self.model_config, self.sched_config
+        # Activations of one step: a few [tokens, max(hidden, 2 * intermediate)] buffers, logits of every
+        # sequence in float32 (and their sort for top-k/top-p), plus 1 GiB for the allocator and workspaces.
+        reserve = (1 << 30) + 8 * sc.max_num_batched_tokens * max(m.hidden_size, 2 * m.intermediate_size) * 4 \
+            + 4 * sc.max_num_seqs * m.vocab_size * 4
+        budget = min(int(total * self.cache_config.gpu_memory_utilization) - weights, free) - reserve
+        if budget < self.kv_block_bytes:
+            raise ValueError(
+                f"not enough GPU memory for the KV cache: {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB, "
+                f"weights take {weights / 2**30:.1f} GiB; raise gpu_memory_utilization or set kv_cache_memory"
+            )
+        return budget
 
     def _allocate_kv_cache(self) -> None:
         a = self.attn_layers[0]

@@ -15,6 +15,24 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 LENS = [1, 7, 16, 17, 64, 133]
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+KV = 1 << 30  # each engine takes 1 GiB of KV, leaving the card to the others in this process
+
+
+@pytest.fixture(autouse=True)
+def release_gpu_memory():
+    yield
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def test_default_kv_sizing_leaves_room_for_a_second_engine(llama_dir):
+    a = LLM(llama_dir, device="cuda", gpu_memory_utilization=0.3)
+    b = LLM(llama_dir, device="cuda", gpu_memory_utilization=0.3)  # its share still fits beside a's
+    blocks = a.engine.runner.num_blocks
+    assert blocks * a.engine.runner.kv_block_bytes > 10 * 2**30 and b.engine.runner.num_blocks > 0
+    assert a.generate([[5, 6, 7]], GREEDY)[0].token_ids == b.generate([[5, 6, 7]], GREEDY)[0].token_ids
 
 
 def prompts(seed=0):
@@ -27,7 +45,7 @@ def prompts(seed=0):
 def test_float32_greedy_matches_hf_on_gpu(checkpoint_dir, variant):
     path = checkpoint_dir(variant)
     ps = prompts()
-    outs = LLM(path, dtype="float32", device="cuda").generate(ps, GREEDY)
+    outs = LLM(path, dtype="float32", device="cuda", kv_cache_memory=KV).generate(ps, GREEDY)
     ref = hf_greedy(path, ps, 24, device="cuda")
     assert [o.token_ids for o in outs] == ref
 
@@ -35,8 +53,8 @@ def test_float32_greedy_matches_hf_on_gpu(checkpoint_dir, variant):
 def test_bfloat16_on_gpu(llama_dir):
     ps = prompts()
     p = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=1)
-    f32 = LLM(llama_dir, dtype="float32", device="cuda").generate(ps, p)
-    llm = LLM(llama_dir, dtype="bfloat16", device="cuda")
+    f32 = LLM(llama_dir, dtype="float32", device="cuda", kv_cache_memory=KV).generate(ps, p)
+    llm = LLM(llama_dir, dtype="bfloat16", device="cuda", kv_cache_memory=KV)
     bf16 = llm.generate(ps, p)
     assert llm.engine.runner.kv_cache.dtype == torch.bfloat16
     for a, b in zip(f32, bf16):
@@ -49,7 +67,7 @@ def test_bfloat16_on_gpu(llama_dir):
 
 def test_cache_features_on_gpu(llama_dir):
     ps = prompts(1)
-    ref = [o.token_ids for o in LLM(llama_dir, device="cuda", enable_prefix_caching=False,
+    ref = [o.token_ids for o in LLM(llama_dir, device="cuda", kv_cache_memory=KV, enable_prefix_caching=False,
                                     enable_chunked_prefill=False).generate(ps, GREEDY)]
     small = LLM(llama_dir, device="cuda", block_size=8, num_blocks=24, max_num_batched_tokens=40)
     assert [o.token_ids for o in small.generate(ps, GREEDY)] == ref
