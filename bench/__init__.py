@@ -1,0 +1,1 @@
+"""Benchmarks and load-testing scripts (run as scripts; nothing imports bench)."""
