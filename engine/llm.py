@@ -15,11 +15,22 @@ class LLM:
 
     `LLM(model_dir, dtype="auto", device="cpu", block_size=16, num_blocks=None, kv_cache_memory=None,
     max_model_len=None, max_num_seqs=256, max_num_batched_tokens=2048, enable_prefix_caching=True,
-    enable_chunked_prefill=True)`; see `EngineConfig.from_model_dir`.
+    enable_chunked_prefill=True, tensor_parallel_size=1)`; see `EngineConfig.from_model_dir`. With
+    tensor_parallel_size N > 1, N rank processes are spawned (one GPU each on CUDA); `shutdown()` or leaving a
+    `with LLM(...) as llm:` block stops them.
     """
 
     def __init__(self, model_dir: str, **kwargs) -> None:
         self.engine = LLMEngine(EngineConfig.from_model_dir(model_dir, **kwargs))
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
 
     @property
     def tokenizer(self):

@@ -9,10 +9,10 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-from engine.config import CacheConfig, ModelConfig, SchedulerConfig
+from engine.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from engine.executor import Executor, LocalExecutor, MultiprocExecutor
 from engine.models.hf_config import load_model_config
 from engine.outputs import Logprob, RequestOutput
-from engine.runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
@@ -24,6 +24,7 @@ class EngineConfig:
     model: ModelConfig
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     device: str = "cpu"
 
     @classmethod
@@ -31,7 +32,8 @@ class EngineConfig:
                        num_blocks: int | None = None, kv_cache_memory: int | None = None,
                        gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
                        max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
-                       enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True) -> EngineConfig:
+                       enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
+                       tensor_parallel_size: int = 1) -> EngineConfig:
         model = load_model_config(model_dir, dtype)
         if max_model_len is None:
             max_model_len = min(model.max_position_embeddings, 8192)
@@ -47,8 +49,20 @@ class EngineConfig:
                               enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                       max_model_len=max_model_len, enable_chunked_prefill=enable_chunked_prefill),
+            parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size),
             device=device,
         )
+
+
+def _check_tp_shapes(config: EngineConfig) -> None:
+    """Fail before spawning ranks when the model cannot be split tp ways."""
+    m, tp = config.model, config.parallel.tensor_parallel_size
+    for what, n in (("num_attention_heads", m.num_heads), ("intermediate_size", m.intermediate_size)):
+        if n % tp:
+            raise ValueError(f"{what} ({n}) is not divisible by tensor_parallel_size {tp}")
+    if m.num_kv_heads % tp and tp % m.num_kv_heads:
+        raise ValueError(f"num_key_value_heads ({m.num_kv_heads}) and tensor_parallel_size {tp} must divide one "
+                         "another (KV heads are split, or replicated when there are fewer than ranks)")
 
 
 class _RequestState:
@@ -70,8 +84,11 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.tokenizer = Tokenizer.from_model_dir(config.model.model_dir)
-        self.runner = ModelRunner(config.model, config.cache, config.scheduler, config.device)
-        self.scheduler = Scheduler(config.scheduler, config.cache, self.runner.num_blocks,
+        _check_tp_shapes(config)
+        self.executor: Executor = (MultiprocExecutor(config) if config.parallel.tensor_parallel_size > 1
+                                   else LocalExecutor(config))
+        self.num_blocks = self.executor.num_blocks
+        self.scheduler = Scheduler(config.scheduler, config.cache, self.num_blocks,
                                    eos_token_ids=config.model.eos_token_ids)
         self._states: dict[str, _RequestState] = {}
         self._aborted: list[RequestOutput] = []
@@ -117,7 +134,7 @@ class LLMEngine:
         sched_out = self.scheduler.schedule()
         if sched_out.is_empty:
             return outputs
-        result = self.runner.execute(sched_out)
+        result = self.executor.execute(sched_out)
         for seq in self.scheduler.update(sched_out, result.token_ids):
             state = self._states[seq.request_id]
             token = seq.token_ids[-1]
@@ -177,3 +194,7 @@ class LLMEngine:
     @property
     def num_free_blocks(self) -> int:
         return self.scheduler.blocks.num_free_blocks
+
+    def shutdown(self) -> None:
+        """Stop tensor-parallel worker processes (no-op for a single-process engine)."""
+        self.executor.shutdown()

@@ -44,9 +44,19 @@ class ModelRunner:
         self.block_size = cache.block_size
         self.model = load_model(model, self.device, max_positions=sched.max_model_len)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        self.num_blocks = self._num_blocks()
-        self._allocate_kv_cache()
         self.sampler = Sampler(self.device)
+        self.num_blocks = 0  # set by allocate_kv_cache (tensor-parallel ranks first agree on the count)
+
+    def allocate_kv_cache(self, num_blocks: int | None = None) -> int:
+        """Allocate `num_blocks` blocks (default: what this rank's budget allows); returns the count."""
+        self.num_blocks = num_blocks if num_blocks is not None else self.local_num_blocks()
+        a = self.attn_layers[0]
+        # [2, layers, num_blocks, block_size, kv_heads, head_dim]: one allocation, per-layer views bound below.
+        self.kv_cache = torch.zeros(2, len(self.attn_layers), self.num_blocks, self.block_size, a.num_kv_heads,
+                                    a.head_dim, dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(self.attn_layers):
+            layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+        return self.num_blocks
 
     # ---- KV memory ----------------------------------------------------------------------------------------
     @property
@@ -55,7 +65,8 @@ class ModelRunner:
         a = self.attn_layers[0]
         return 2 * len(self.attn_layers) * self.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
 
-    def _num_blocks(self) -> int:
+    def local_num_blocks(self) -> int:
+        """How many blocks this rank's KV budget holds."""
         c = self.cache_config
         if c.num_blocks is not None:
             return c.num_blocks
@@ -84,14 +95,6 @@ class ModelRunner:
                 f"weights take {weights / 2**30:.1f} GiB; raise gpu_memory_utilization or set kv_cache_memory"
             )
         return budget
-
-    def _allocate_kv_cache(self) -> None:
-        a = self.attn_layers[0]
-        # [2, layers, num_blocks, block_size, kv_heads, head_dim]: one allocation, per-layer views bound below.
-        self.kv_cache = torch.zeros(2, len(self.attn_layers), self.num_blocks, self.block_size, a.num_kv_heads,
-                                    a.head_dim, dtype=self.dtype, device=self.device)
-        for i, layer in enumerate(self.attn_layers):
-            layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
 
     # ---- one step -----------------------------------------------------------------------------------------
     def _prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:

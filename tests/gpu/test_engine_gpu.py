@@ -30,8 +30,8 @@ def release_gpu_memory():
 def test_default_kv_sizing_leaves_room_for_a_second_engine(llama_dir):
     a = LLM(llama_dir, device="cuda", gpu_memory_utilization=0.3)
     b = LLM(llama_dir, device="cuda", gpu_memory_utilization=0.3)  # its share still fits beside a's
-    blocks = a.engine.runner.num_blocks
-    assert blocks * a.engine.runner.kv_block_bytes > 10 * 2**30 and b.engine.runner.num_blocks > 0
+    blocks = a.engine.num_blocks
+    assert blocks * a.engine.executor.runner.kv_block_bytes > 10 * 2**30 and b.engine.num_blocks > 0
     assert a.generate([[5, 6, 7]], GREEDY)[0].token_ids == b.generate([[5, 6, 7]], GREEDY)[0].token_ids
 
 
@@ -56,7 +56,7 @@ def test_bfloat16_on_gpu(llama_dir):
     f32 = LLM(llama_dir, dtype="float32", device="cuda", kv_cache_memory=KV).generate(ps, p)
     llm = LLM(llama_dir, dtype="bfloat16", device="cuda", kv_cache_memory=KV)
     bf16 = llm.generate(ps, p)
-    assert llm.engine.runner.kv_cache.dtype == torch.bfloat16
+    assert llm.engine.executor.runner.kv_cache.dtype == torch.bfloat16
     for a, b in zip(f32, bf16):
         assert len(b.token_ids) == 24 and b.token_ids[0] == a.token_ids[0]
         assert b.logprobs[0].logprob == pytest.approx(a.logprobs[0].logprob, abs=0.1)

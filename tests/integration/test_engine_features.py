@@ -155,14 +155,14 @@ def test_abort_frees_blocks(llama_dir):
     eng.add_request("b", rand_prompts([20])[0], SamplingParams(max_tokens=100, ignore_eos=True))
     eng.step()
     eng.step()
-    assert eng.num_free_blocks < eng.runner.num_blocks
+    assert eng.num_free_blocks < eng.num_blocks
     assert eng.abort_request("a") and not eng.abort_request("nope")
     outs = eng.step()
     assert any(o.request_id == "a" and o.finish_reason == "abort" and o.finished for o in outs)
     eng.abort_request("b")
     eng.step()
     assert not eng.has_unfinished_requests()
-    assert eng.num_free_blocks == eng.runner.num_blocks
+    assert eng.num_free_blocks == eng.num_blocks
 
 
 def test_bad_requests_raise_and_leave_engine_usable(llama_dir, tmp_path):
@@ -178,5 +178,5 @@ def test_bad_requests_raise_and_leave_engine_usable(llama_dir, tmp_path):
     with pytest.raises(ValueError, match="empty"):  # the first, valid prompt was queued: it must be withdrawn
         llm.generate([[5, 6], []], GREEDY)
     assert not llm.engine.has_unfinished_requests()
-    assert llm.engine.num_free_blocks == llm.engine.runner.num_blocks
+    assert llm.engine.num_free_blocks == llm.engine.num_blocks
     assert llm.generate([[5, 6, 7]], GREEDY)[0].finish_reason == "length"

@@ -28,7 +28,7 @@ def test_greedy_matches_hf(checkpoint_dir, variant):
     for n, o, r in zip(PROMPT_LENS, outs, ref):
         assert o.token_ids == r, f"{variant}: prompt of {n} tokens diverges from HF"
         assert o.finish_reason == "length"
-    assert llm.engine.num_free_blocks == llm.engine.runner.num_blocks  # nothing leaked
+    assert llm.engine.num_free_blocks == llm.engine.num_blocks  # nothing leaked
 
 
 def test_sharded_safetensors(tmp_path):

@@ -1,0 +1,44 @@
+"""Joining a tensor-parallel group, and the group's host-side control collectives.
+
+Each rank is its own process; the torch.distributed world of that process *is* its TP group (a TP group is
+packed on one node and lives and dies together). On GPU the model's collectives run over NCCL and control
+messages (the step to run, the agreed KV block count) over a separate gloo group, so they never touch the GPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from engine.distributed.parallel_state import TensorParallelState, set_tensor_parallel
+
+
+class TPGroup:
+    """This rank's membership in its tensor-parallel group. Mutates: the process's torch.distributed world."""
+
+    def __init__(self, rank: int, size: int, init_method: str, use_cuda: bool, timeout_s: float = 600.0) -> None:
+        self.rank, self.size = rank, size
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group("nccl" if use_cuda else "gloo", init_method=init_method, rank=rank,
+                                world_size=size, timeout=timeout)
+        self.device_group = dist.group.WORLD
+        self.cpu_group = dist.new_group(backend="gloo", timeout=timeout) if use_cuda else dist.group.WORLD
+        set_tensor_parallel(TensorParallelState(rank, size, self.device_group))
+
+    def broadcast_from_rank0(self, obj: Any) -> Any:
+        """Rank 0 passes `obj`; every rank returns rank 0's object (pickled over gloo)."""
+        box = [obj if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0, group=self.cpu_group)
+        return box[0]
+
+    def min_across_ranks(self, value: int) -> int:
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.cpu_group)
+        return int(t.item())
+
+    def destroy(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

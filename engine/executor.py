@@ -1,0 +1,105 @@
+"""Executors run a `SchedulerOutput` on the model's rank(s) and return rank 0's `StepResult`.
+
+`LocalExecutor` holds the runner in this process (tensor_parallel_size 1). `MultiprocExecutor` spawns one
+process per rank (`engine.worker`) and talks to rank 0 over a pipe; the driving process keeps only the
+scheduler, so its own torch.distributed state stays untouched.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import socket
+from typing import Any
+
+from engine.runner import ModelRunner, StepResult
+from engine.scheduler import SchedulerOutput
+from engine.worker import worker_main
+
+
+class Executor:
+    num_blocks: int
+
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        pass
+
+
+class LocalExecutor(Executor):
+    def __init__(self, config: Any) -> None:
+        self.runner = ModelRunner(config.model, config.cache, config.scheduler, config.device)
+        self.num_blocks = self.runner.allocate_kv_cache()
+
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        return self.runner.execute(out)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class WorkerError(RuntimeError):
+    """A tensor-parallel rank failed; the message carries its traceback."""
+
+
+class MultiprocExecutor(Executor):
+    def __init__(self, config: Any, startup_timeout_s: float = 600.0) -> None:
+        self._closed, self.procs = False, []
+        size = config.parallel.tensor_parallel_size
+        ctx = mp.get_context("spawn")
+        init_method = f"tcp://127.0.0.1:{free_port()}"
+        self.conn, child = ctx.Pipe()
+        self.procs = [
+            ctx.Process(target=worker_main, args=(config, r, init_method, child if r == 0 else None), daemon=True,
+                        name=f"kvrelay-tp{r}")
+            for r in range(size)
+        ]
+        for p in self.procs:
+            p.start()
+        try:
+            _, self.num_blocks = self._recv(startup_timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _recv(self, timeout_s: float | None = None) -> Any:
+        waited = 0.0
+        while not self.conn.poll(1.0):
+            waited += 1.0
+            dead = [p.name for p in self.procs if not p.is_alive()]
+            if dead:
+                raise WorkerError(f"tensor-parallel worker(s) {dead} exited")
+            if timeout_s is not None and waited >= timeout_s:
+                raise WorkerError(f"tensor-parallel workers did not answer within {timeout_s:.0f} s")
+        msg = self.conn.recv()
+        if isinstance(msg, tuple) and msg and msg[0] == "error":
+            raise WorkerError(f"tensor-parallel rank 0 failed:\n{msg[1]}")
+        return msg
+
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        self.conn.send(out)
+        return self._recv()
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.procs[0].is_alive():
+                self.conn.send(None)
+        except (BrokenPipeError, OSError):
+            pass
+        for p in self.procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+
+    def __del__(self) -> None:
+        try:
+            self.shutdown()
+        except Exception:
+            pass

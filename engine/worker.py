@@ -1,0 +1,67 @@
+"""One tensor-parallel rank as a process: load this rank's shard, then run every step rank 0 hands it.
+
+Rank 0 receives steps from its driver (an `Executor` over a pipe, or a decode worker in-process) and broadcasts
+each to the other ranks, so all ranks enter the same forward pass and its collectives together.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from typing import Any
+
+import torch
+
+from engine.distributed.tp_group import TPGroup
+from engine.runner import ModelRunner
+
+
+def rank_device(device: str, rank: int) -> str:
+    """Rank r of a GPU group uses cuda:r; on CPU every rank uses the CPU."""
+    return f"cuda:{rank}" if device.startswith("cuda") else "cpu"
+
+
+class TPWorker:
+    def __init__(self, config: Any, rank: int, init_method: str) -> None:
+        size = config.parallel.tensor_parallel_size
+        self.device = rank_device(config.device, rank)
+        if self.device == "cpu":  # share the cores between the ranks rather than oversubscribing them
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+        else:
+            torch.cuda.set_device(self.device)
+        self.group = TPGroup(rank, size, init_method, use_cuda=self.device != "cpu")
+        self.runner = ModelRunner(config.model, config.cache, config.scheduler, self.device)
+        self.num_blocks = self.runner.allocate_kv_cache(self.group.min_across_ranks(self.runner.local_num_blocks()))
+
+    def step(self, msg: Any) -> Any:
+        """Run one broadcast step on every rank; rank 0 gets the StepResult, None means shut down."""
+        msg = self.group.broadcast_from_rank0(msg)
+        if msg is None:
+            return None
+        return self.runner.execute(msg)
+
+
+def worker_main(config: Any, rank: int, init_method: str, conn: Any) -> None:
+    """Process entry point. Rank 0 talks to the driver through `conn`: ("ready", num_blocks) once, then a
+    StepResult (or ("error", text)) for each SchedulerOutput received; None received = shut down."""
+    try:
+        worker = TPWorker(config, rank, init_method)
+    except Exception:
+        if conn is not None:
+            conn.send(("error", traceback.format_exc()))
+        raise
+    if rank == 0:
+        conn.send(("ready", worker.num_blocks))
+    while True:
+        msg = conn.recv() if rank == 0 else None
+        try:
+            result = worker.step(msg)
+        except Exception:
+            if rank == 0:
+                conn.send(("error", traceback.format_exc()))
+            raise
+        if result is None:
+            break
+        if rank == 0:
+            conn.send(result)
+    worker.group.destroy()
