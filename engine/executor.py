@@ -13,13 +13,17 @@ from typing import Any
 
 from engine.runner import ModelRunner, StepResult
 from engine.scheduler import SchedulerOutput
-from engine.worker import worker_main
+from engine.worker import make_extension, worker_main
 
 
 class Executor:
     num_blocks: int
 
     def execute(self, out: SchedulerOutput) -> StepResult:
+        raise NotImplementedError
+
+    def call_extension(self, method: str, *args: Any) -> list[Any]:
+        """Call `method(*args)` on every rank's worker extension; the return values in rank order."""
         raise NotImplementedError
 
     def shutdown(self) -> None:
@@ -30,9 +34,19 @@ class LocalExecutor(Executor):
     def __init__(self, config: Any) -> None:
         self.runner = ModelRunner(config.model, config.cache, config.scheduler, config.device)
         self.num_blocks = self.runner.allocate_kv_cache()
+        self.extension = make_extension(config, self.runner, 0)
 
     def execute(self, out: SchedulerOutput) -> StepResult:
-        return self.runner.execute(out)
+        return self.runner.execute(out, self.extension)
+
+    def call_extension(self, method: str, *args: Any) -> list[Any]:
+        if self.extension is None:
+            raise RuntimeError("this engine has no worker_extension configured")
+        return [getattr(self.extension, method)(*args)]
+
+    def shutdown(self) -> None:
+        if self.extension is not None and hasattr(self.extension, "close"):
+            self.extension.close()
 
 
 def free_port() -> int:
@@ -82,6 +96,10 @@ class MultiprocExecutor(Executor):
     def execute(self, out: SchedulerOutput) -> StepResult:
         self.conn.send(out)
         return self._recv()
+
+    def call_extension(self, method: str, *args: Any) -> list[Any]:
+        self.conn.send(("ext", method, args))
+        return self._recv()[1]
 
     def shutdown(self) -> None:
         if self._closed:

@@ -13,6 +13,7 @@ from engine.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerCon
 from engine.executor import Executor, LocalExecutor, MultiprocExecutor
 from engine.models.hf_config import load_model_config
 from engine.outputs import Logprob, RequestOutput
+from engine.remote_prefill import RemotePrefills
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
@@ -26,6 +27,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     device: str = "cpu"
+    worker_extension: str | None = None  # "module:Class" built on every rank (see engine.worker_extension)
 
     @classmethod
     def from_model_dir(cls, model_dir: str, *, dtype: str = "auto", device: str = "cpu", block_size: int = 16,
@@ -33,7 +35,7 @@ class EngineConfig:
                        gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
                        max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
                        enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
-                       tensor_parallel_size: int = 1) -> EngineConfig:
+                       tensor_parallel_size: int = 1, worker_extension: str | None = None) -> EngineConfig:
         model = load_model_config(model_dir, dtype)
         if max_model_len is None:
             max_model_len = min(model.max_position_embeddings, 8192)
@@ -51,6 +53,7 @@ class EngineConfig:
                                       max_model_len=max_model_len, enable_chunked_prefill=enable_chunked_prefill),
             parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size),
             device=device,
+            worker_extension=worker_extension,
         )
 
 
@@ -91,6 +94,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, config.cache, self.num_blocks,
                                    eos_token_ids=config.model.eos_token_ids)
         self._states: dict[str, _RequestState] = {}
+        self._remote = RemotePrefills(config.parallel.tensor_parallel_size)
         self._aborted: list[RequestOutput] = []
         self._arrivals = itertools.count()
 
@@ -107,16 +111,62 @@ class LLMEngine:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         return ids
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
-        """Queue a request. Raises ValueError (nothing queued) for an empty/too-long prompt or a reused id."""
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    transfer: dict | None = None) -> None:
+        """Queue a request. Raises ValueError (nothing queued) for an empty/too-long prompt or a reused id.
+
+        With `transfer` (e.g. {"peer": decode group}), this engine only prefills: the worker extension sends the
+        prompt's KV as it is computed, and the request ends at its first token with finish_reason "prefilled"
+        (or "abort" with `error` if the transfer failed).
+        """
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this checkpoint has none (use stop_token_ids)")
         seq = Sequence(request_id, self.tokenize(prompt), params, arrival=next(self._arrivals))
+        seq.transfer = transfer
         self.scheduler.add(seq)
         self._states[request_id] = _RequestState(seq, self.tokenizer)
 
+    # ---- disaggregation: decode side ---------------------------------------------------------------------
+    def reserve_remote_prefill(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                               peer: str, prefill_tp: int, timeout_s: float = 30.0) -> list[int] | None:
+        """Reserve blocks for a prompt that prefill worker `peer` will compute and send; returns the block ids to
+        send into, or None when there is no room now (try later or elsewhere). Every rank expects the transfer
+        before this returns, so the prefill side may start sending at once."""
+        seq = Sequence(request_id, self.tokenize(prompt), params, arrival=next(self._arrivals))
+        blocks = self.scheduler.reserve_remote(seq)
+        if blocks is None:
+            return None
+        self.executor.call_extension("expect", request_id, blocks, peer, prefill_tp)
+        self._states[request_id] = _RequestState(seq, self.tokenizer)
+        self._remote.add(request_id, timeout_s)
+        return blocks
+
+    def set_first_token(self, request_id: str, token: int) -> None:
+        """The token the prefill worker sampled; decoding starts once the KV has landed too."""
+        self._remote.set_first_token(request_id, token)
+
+    def call_extension(self, method: str, *args) -> list:
+        """Call a worker-extension method on every rank (e.g. KV channel setup); results in rank order."""
+        return self.executor.call_extension(method, *args)
+
+    def _land_remote(self) -> list[RequestOutput]:
+        ready, failed = self._remote.apply(self.executor.call_extension("poll"))
+        outputs = []
+        if failed:
+            self.executor.call_extension("cancel", list(failed))  # no byte lands after this: blocks reusable
+        for rid, err in failed.items():
+            self.scheduler.finish(rid, "abort")
+            state = self._states.pop(rid)
+            outputs.append(self._output(state, [], "", finished=True, error=err))
+        for rid, token in ready:
+            seq = self.scheduler.admit_remote(rid, token)
+            outputs.append(self._emit(seq, {}))
+        return outputs
+
     def abort_request(self, request_id: str) -> bool:
         """Stop a request now and free its blocks; the next `step()` reports it with finish_reason "abort"."""
+        if self._remote.discard(request_id):
+            self.executor.call_extension("cancel", [request_id])
         seq = self.scheduler.finish(request_id, "abort")
         state = self._states.pop(request_id, None)
         if seq is None or state is None:
@@ -131,32 +181,45 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one batch; return an output for every request that got a token, finished or was aborted."""
         outputs, self._aborted = self._aborted, []
+        if self._remote.pending:
+            outputs += self._land_remote()
         sched_out = self.scheduler.schedule()
         if sched_out.is_empty:
             return outputs
         result = self.executor.execute(sched_out)
+        send_failed: dict[str, str] = {}
+        for ev in result.ext_events:
+            send_failed.update((ev or {}).get("failed", {}))
         for seq in self.scheduler.update(sched_out, result.token_ids):
-            state = self._states[seq.request_id]
-            token = seq.token_ids[-1]
-            if state.logprobs is not None and seq.request_id in result.logprobs:
-                lp, top = result.logprobs[seq.request_id]
-                state.logprobs.append(Logprob(token, lp, top))
-            if state.detok is not None:
-                checked = len(state.text)
-                state.text += state.detok.add(token)
-                if seq.is_finished:
-                    state.text += state.detok.flush()
-                self._check_stop_strings(state, checked)
-            finished = seq.is_finished
-            if finished:
-                del self._states[seq.request_id]
-            end = len(state.text) if finished else max(len(state.text) - state.holdback, state.emitted_chars)
-            new_text = state.text[state.emitted_chars:end]
-            state.emitted_chars = end
-            new_tokens = seq.output_token_ids[state.emitted_tokens:]
-            state.emitted_tokens = seq.num_output_tokens
-            outputs.append(self._output(state, new_tokens, new_text, finished))
+            if seq.transfer is not None and not seq.is_finished:
+                self.scheduler.finish(seq.request_id, "prefilled")  # decode continues on the decode group
+            if seq.request_id in send_failed:
+                seq.finish_reason = "abort"
+            outputs.append(self._emit(seq, result.logprobs, send_failed.get(seq.request_id)))
         return outputs
+
+    def _emit(self, seq: Sequence, logprobs: dict, error: str | None = None) -> RequestOutput:
+        """Account the sequence's newest token: logprobs, text, stop strings; build its output."""
+        state = self._states[seq.request_id]
+        token = seq.token_ids[-1]
+        if state.logprobs is not None and seq.request_id in logprobs:
+            lp, top = logprobs[seq.request_id]
+            state.logprobs.append(Logprob(token, lp, top))
+        if state.detok is not None:
+            checked = len(state.text)
+            state.text += state.detok.add(token)
+            if seq.is_finished:
+                state.text += state.detok.flush()
+            self._check_stop_strings(state, checked)
+        finished = seq.is_finished
+        if finished:
+            del self._states[seq.request_id]
+        end = len(state.text) if finished else max(len(state.text) - state.holdback, state.emitted_chars)
+        new_text = state.text[state.emitted_chars:end]
+        state.emitted_chars = end
+        new_tokens = seq.output_token_ids[state.emitted_tokens:]
+        state.emitted_tokens = seq.num_output_tokens
+        return self._output(state, new_tokens, new_text, finished, error)
 
     def _check_stop_strings(self, state: _RequestState, checked: int) -> None:
         """Cut the text at the first stop string and finish; text before `checked` held no match already."""
@@ -170,7 +233,8 @@ class LLMEngine:
                 self.scheduler.finish(seq.request_id, "stop")
             seq.finish_reason = "stop"
 
-    def _output(self, state: _RequestState, new_tokens: list[int], new_text: str, finished: bool) -> RequestOutput:
+    def _output(self, state: _RequestState, new_tokens: list[int], new_text: str, finished: bool,
+                error: str | None = None) -> RequestOutput:
         seq = state.seq
         return RequestOutput(
             request_id=seq.request_id,
@@ -183,6 +247,7 @@ class LLMEngine:
             finish_reason=seq.finish_reason if finished else None,
             logprobs=list(state.logprobs) if state.logprobs is not None else None,
             num_cached_tokens=seq.num_cached_tokens,
+            error=error,
         )
 
     # ---- stats --------------------------------------------------------------------------------------------

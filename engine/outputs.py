@@ -26,3 +26,4 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     logprobs: list[Logprob] | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    error: str | None = None  # why a request was aborted by the system (e.g. its KV transfer failed)

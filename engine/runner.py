@@ -7,8 +7,8 @@ context, computes logits only for rows that sample, and synchronises with the ho
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -30,6 +30,8 @@ class StepResult:
     token_ids: dict[str, int]
     # request id -> (logprob of the sampled token, [(token id, logprob)] top-n), for requests that asked.
     logprobs: dict[str, tuple[float, list[tuple[int, float]]]]
+    # What each rank's worker extension returned from end_step, in rank order (empty without an extension).
+    ext_events: list[Any] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -138,11 +140,20 @@ class ModelRunner:
         return dev(input_ids), dev(positions), meta
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, on_layer_kv_written: Callable[[int], None] | None = None) -> StepResult:
+    def execute(self, out: SchedulerOutput, extension: Any = None) -> StepResult:
+        """Run one step; `extension` (a worker extension) sees the step's start, each layer's KV, its end."""
         input_ids, positions, meta = self._prepare(out)
-        meta.on_layer_kv_written = on_layer_kv_written
+        if extension is not None:
+            extension.begin_step(out)
+            meta.on_layer_kv_written = extension.on_layer
         with attention_context(meta):
             hidden = self.model(input_ids, positions)  # [num_tokens, hidden]
+        events = [extension.end_step(out)] if extension is not None else []
+        result = self._sample(out, meta, hidden)
+        result.ext_events = events
+        return result
+
+    def _sample(self, out: SchedulerOutput, meta: AttentionMetadata, hidden: torch.Tensor) -> StepResult:
         rows = [b for b, s in enumerate(out.seqs) if s.sample]
         if not rows:
             return StepResult({}, {})

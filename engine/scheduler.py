@@ -30,6 +30,7 @@ class ScheduledSeq:
     sample: bool  # the chunk ends at the sequence's last token: sample the next one
     params: SamplingParams
     num_output_tokens: int  # outputs so far (index of the token to sample; seeds derive from it)
+    transfer: dict | None = None  # set in the step that completes a prompt whose KV is sent elsewhere
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.seqs: dict[str, Sequence] = {}
+        self.remote: dict[str, Sequence] = {}  # prompt KV reserved here, being computed by a prefill worker
         self.num_preemptions = 0
 
     # ---- intake -------------------------------------------------------------------------------------------
@@ -81,7 +83,37 @@ class Scheduler:
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.remote)
+
+    # ---- remote prefill (decode side) ---------------------------------------------------------------------
+    def reserve_remote(self, seq: Sequence) -> list[int] | None:
+        """Reserve blocks for a prompt another worker will prefill; None when blocks or seats are short now."""
+        if seq.request_id in self.seqs:
+            raise ValueError(f"request id {seq.request_id!r} is already in use")
+        if seq.num_prompt_tokens >= self.max_seq_len:
+            raise ValueError(f"request {seq.request_id!r}: prompt has {seq.num_prompt_tokens} tokens; at most "
+                             f"{self.max_seq_len - 1} fit")
+        if len(self.running) + len(self.remote) >= self.config.max_num_seqs:
+            return None
+        if not self.blocks.allocate(seq, seq.num_prompt_tokens):
+            return None
+        seq.admitted = True
+        self.seqs[seq.request_id] = seq
+        self.remote[seq.request_id] = seq
+        return list(seq.block_table)
+
+    def admit_remote(self, request_id: str, first_token: int) -> Sequence:
+        """The prompt's KV has landed and its first token is known: decode it from the next step."""
+        seq = self.remote.pop(request_id)
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        self.blocks.cache_full_blocks(seq)
+        seq.append_token(first_token)
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        reason = self._token_stop(seq, first_token)
+        if reason is not None:
+            self.finish(request_id, reason)
+        return seq
 
     # ---- one step -----------------------------------------------------------------------------------------
     def _scheduled(self, seq: Sequence, n: int) -> ScheduledSeq:
@@ -94,6 +126,7 @@ class Scheduler:
             sample=start + n == seq.num_tokens,
             params=seq.params,
             num_output_tokens=seq.num_output_tokens,
+            transfer=seq.transfer if start + n == seq.num_tokens and seq.num_output_tokens == 0 else None,
         )
 
     def _preempt(self, seq: Sequence) -> None:
@@ -178,7 +211,9 @@ class Scheduler:
         seq = self.seqs.pop(request_id, None)
         if seq is None:
             return None
-        if seq.status == SequenceStatus.RUNNING:
+        if self.remote.pop(request_id, None) is not None:
+            pass
+        elif seq.status == SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)

@@ -38,6 +38,9 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.num_preemptions = 0
+        # Opaque to the engine: set on a prefill-only request whose KV goes to a decode group; the worker
+        # extension reads it from the ScheduledSeq in the step that completes the prompt.
+        self.transfer: dict | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from engine.distributed.tp_group import TPGroup
-from engine.runner import ModelRunner
+from engine.runner import ModelRunner, StepResult
+from engine.worker_extension import RankContext, load_extension
 
 
 def rank_device(device: str, rank: int) -> str:
@@ -32,13 +33,29 @@ class TPWorker:
         self.group = TPGroup(rank, size, init_method, use_cuda=self.device != "cpu")
         self.runner = ModelRunner(config.model, config.cache, config.scheduler, self.device)
         self.num_blocks = self.runner.allocate_kv_cache(self.group.min_across_ranks(self.runner.local_num_blocks()))
+        self.extension = make_extension(config, self.runner, rank)
 
     def step(self, msg: Any) -> Any:
-        """Run one broadcast step on every rank; rank 0 gets the StepResult, None means shut down."""
+        """Run one broadcast message on every rank: a SchedulerOutput (rank 0 gets the StepResult with every
+        rank's extension events) or ("ext", method, args) (rank 0 gets every rank's return value).
+        None means shut down."""
         msg = self.group.broadcast_from_rank0(msg)
         if msg is None:
             return None
-        return self.runner.execute(msg)
+        if isinstance(msg, tuple) and msg[0] == "ext":
+            return ("ext", self.group.gather_to_rank0(getattr(self.extension, msg[1])(*msg[2])))
+        result: StepResult = self.runner.execute(msg, self.extension)
+        events = self.group.gather_to_rank0(result.ext_events[0] if result.ext_events else None)
+        result.ext_events = events if self.extension is not None and events is not None else []
+        return result
+
+
+def make_extension(config: Any, runner: ModelRunner, rank: int) -> Any:
+    if not getattr(config, "worker_extension", None):
+        return None
+    ctx = RankContext(rank, config.parallel.tensor_parallel_size, runner.device, runner.kv_cache,
+                      config.model, config.cache)
+    return load_extension(config.worker_extension, ctx)
 
 
 def worker_main(config: Any, rank: int, init_method: str, conn: Any) -> None:

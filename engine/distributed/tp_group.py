@@ -34,6 +34,12 @@ class TPGroup:
         dist.broadcast_object_list(box, src=0, group=self.cpu_group)
         return box[0]
 
+    def gather_to_rank0(self, obj: Any) -> list[Any] | None:
+        """Rank 0 returns every rank's `obj` in rank order; other ranks return None."""
+        out: list[Any] | None = [None] * self.size if self.rank == 0 else None
+        dist.gather_object(obj, out, dst=0, group=self.cpu_group)
+        return out
+
     def min_across_ranks(self, value: int) -> int:
         t = torch.tensor([value], dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.cpu_group)

@@ -1,0 +1,79 @@
+"""A one-way KV channel: a private 2-rank torch.distributed group between one prefill rank and one decode rank.
+
+The receiver hosts a TCPStore on a free port and publishes (host, port) through the control plane; the sender
+connects. No global world: either side can die without tearing down other channels or its own TP group.
+
+Wire format, per prefill step that sends anything on this channel, all messages in order:
+  1. header  int64[8]: MAGIC, num_transfers, num_layers, total_blocks, heads, head_dim, block_size, dtype code
+  2. table   int64[2 * num_transfers]: (transfer key, number of blocks) per transfer, in payload order
+  3. payload per layer l: [2 (K, V), total_blocks, block_size, heads, head_dim], the transfers' blocks back to back
+Every message is one tensor, so a layer of a step is one message whatever the number of requests in it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+
+import torch
+import torch.distributed as dist
+
+MAGIC = 0x4B5652454C4159  # "KVRELAY"
+HEADER_WORDS = 8
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def transfer_key(request_id: str) -> int:
+    """Stable signed 64-bit key of a request id (both sides compute it; only the key crosses the wire)."""
+    return int.from_bytes(hashlib.blake2b(request_id.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+class ChannelClosed(RuntimeError):
+    """The peer went away or the channel broke; every transfer on it fails."""
+
+
+class KVChannel:
+    SENDER, RECEIVER = 0, 1
+
+    def __init__(self, store: dist.Store, role: int, device: torch.device, timeout_s: float) -> None:
+        self.role, self.peer = role, 1 - role
+        self.device = device
+        timeout = datetime.timedelta(seconds=timeout_s)
+        prefix = dist.PrefixStore("kvrelay/kv", store)
+        if device.type == "cuda":
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = timeout
+            self.pg: dist.ProcessGroup = dist.ProcessGroupNCCL(prefix, role, 2, opts)
+        else:
+            self.pg = dist.ProcessGroupGloo(prefix, role, 2, timeout)
+        self.store = store  # keep the rendezvous alive as long as the group
+
+    @staticmethod
+    def listen(host: str, timeout_s: float) -> dist.TCPStore:
+        """Receiver side: a store on a free port (read `.port`); the group forms once the sender connects."""
+        return dist.TCPStore(host, 0, 2, True, timeout=datetime.timedelta(seconds=timeout_s),
+                             wait_for_workers=False)
+
+    @staticmethod
+    def connect(host: str, port: int, timeout_s: float) -> dist.TCPStore:
+        return dist.TCPStore(host, port, 2, False, timeout=datetime.timedelta(seconds=timeout_s))
+
+    def send(self, t: torch.Tensor) -> dist.Work:
+        return self.pg.send([t], self.peer, 0)
+
+    def recv(self, t: torch.Tensor) -> dist.Work:
+        return self.pg.recv([t], self.peer, 0)
+
+    def recv_now(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        t = torch.empty(shape, dtype=dtype, device=self.device)
+        try:
+            self.recv(t).wait()
+        except Exception as e:  # gloo raises when the peer closes or the group times out
+            raise ChannelClosed(f"KV channel broke while receiving: {e}") from e
+        return t
+
+    def close(self) -> None:
+        try:
+            self.pg.abort() if self.device.type == "cuda" else self.pg.shutdown()
+        except Exception:
+            pass

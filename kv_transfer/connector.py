@@ -1,0 +1,238 @@
+"""The worker side of KV transfer: one `KVConnector` per rank, loaded as the engine's worker extension.
+
+Sender role (prefill ranks): `connect` to a decode group's ranks; then in every step that finishes the prefill of
+requests marked for transfer, send the header and table at the step's start and each layer's blocks from the
+runner's per-layer hook, so layer l travels while layer l+1 computes. The step ends when every send completed
+(so the prefill blocks can be freed); failures are reported per request.
+
+Receiver role (decode ranks): `listen` for a prefill worker (one channel and one thread per sending rank);
+`expect` registers a request's destination blocks before the prefill side may send. Threads write arriving
+layers into those blocks, only while the request is still registered (under a lock, so a `cancel` is final:
+no byte lands after it returns). Landed and failed requests are reported through `poll`.
+"""
+
+from __future__ import annotations
+
+import threading
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kv_transfer.channel import DTYPE_CODES, HEADER_WORDS, MAGIC, ChannelClosed, KVChannel, transfer_key
+from kv_transfer.layout import HeadSlice, TransferPlan, make_transfer_plan
+
+
+@dataclass
+class _Expected:
+    request_id: str
+    peer: str
+    dst: torch.Tensor  # [num_blocks] int64 destination block ids on this rank
+    parts: int  # channels (sending ranks) that must each deliver every layer
+    done: int = 0
+
+
+@dataclass
+class _OutChannel:
+    channel: KVChannel
+    slices: list[HeadSlice]
+    works: list[Any] = field(default_factory=list)
+    keep: list[torch.Tensor] = field(default_factory=list)  # buffers alive until their sends complete
+
+
+class KVConnector:
+    def __init__(self, ctx: Any, host: str = "127.0.0.1", timeout_s: float = 60.0) -> None:
+        self.rank, self.tp_size = ctx.rank, ctx.tp_size
+        self.kv: torch.Tensor = ctx.kv_cache  # [2, layers, blocks, block_size, local kv heads, head_dim]
+        self.num_kv_heads = ctx.model_config.num_kv_heads
+        self.device = self.kv.device
+        self.host, self.timeout_s = host, timeout_s
+        self.lock = threading.Lock()
+        # receiver role
+        self.expected: dict[int, _Expected] = {}
+        self.landed: list[str] = []
+        self.failed: dict[str, str] = {}
+        self.in_channels: dict[tuple[str, int], KVChannel] = {}
+        self.dead_peers: dict[str, str] = {}
+        self.threads: list[threading.Thread] = []
+        # sender role
+        self.out: dict[str, dict[int, _OutChannel]] = {}  # peer -> decode rank -> channel
+        self.step_sends: list[tuple[str, int, list[tuple[int, str, torch.Tensor]]]] = []
+        self.closed = False
+
+    # ================= receiver role =================
+    def listen(self, peer: str, prefill_tp: int) -> dict[int, tuple[str, int]]:
+        """Open one store per prefill rank that sends to this rank; returns {prefill rank: (host, port)}."""
+        plan = make_transfer_plan(self.num_kv_heads, prefill_tp, self.tp_size)
+        addrs = {}
+        for src in plan.sources(self.rank):
+            store = KVChannel.listen(self.host, self.timeout_s)
+            addrs[src] = (self.host, store.port)
+            slices = [s for s in plan.slices[self.rank] if s.src_rank == src]
+            t = threading.Thread(target=self._serve, args=(peer, src, store, slices), daemon=True,
+                                 name=f"kv-recv-{peer}-{src}")
+            t.start()
+            self.threads.append(t)
+        self.dead_peers.pop(peer, None)
+        return addrs
+
+    def expect(self, request_id: str, dst_blocks: list[int], peer: str, prefill_tp: int) -> None:
+        parts = len(make_transfer_plan(self.num_kv_heads, prefill_tp, self.tp_size).sources(self.rank))
+        with self.lock:
+            if peer in self.dead_peers:
+                self.failed[request_id] = self.dead_peers[peer]
+                return
+            self.expected[transfer_key(request_id)] = _Expected(
+                request_id, peer, torch.tensor(dst_blocks, dtype=torch.int64, device=self.device), parts)
+
+    def cancel(self, request_ids: list[str]) -> None:
+        """After this returns, no data for these requests is written (their blocks may be reused)."""
+        with self.lock:
+            for rid in request_ids:
+                self.expected.pop(transfer_key(rid), None)
+                self.failed.pop(rid, None)
+
+    def poll(self) -> dict[str, Any]:
+        """Drain events: {"landed": [request ids], "failed": {request id: error}}."""
+        with self.lock:
+            out = {"landed": self.landed, "failed": self.failed}
+            self.landed, self.failed = [], {}
+        return out
+
+    def _fail_peer(self, peer: str, error: str) -> None:
+        with self.lock:
+            self.dead_peers[peer] = error
+            for key, e in list(self.expected.items()):
+                if e.peer == peer:
+                    del self.expected[key]
+                    self.failed[e.request_id] = error
+
+    def _serve(self, peer: str, src: int, store: Any, slices: list[HeadSlice]) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        try:
+            ch = KVChannel(store, KVChannel.RECEIVER, self.device, self.timeout_s * 60)
+        except Exception as e:
+            self._fail_peer(peer, f"KV channel from prefill worker {peer!r} rank {src} did not form: {e}")
+            return
+        self.in_channels[(peer, src)] = ch
+        try:
+            while not self.closed:
+                self._receive_step(ch, slices)
+        except ChannelClosed as e:
+            if not self.closed:
+                self._fail_peer(peer, f"KV transfer from prefill worker {peer!r} rank {src} failed: {e}")
+        except Exception:
+            self._fail_peer(peer, f"KV receiver for {peer!r} rank {src} crashed:\n{traceback.format_exc()}")
+        finally:
+            ch.close()
+
+    def _receive_step(self, ch: KVChannel, slices: list[HeadSlice]) -> None:
+        hdr = ch.recv_now((HEADER_WORDS,), torch.int64).tolist()
+        magic, n, layers, total, heads, head_dim, block_size, dtype_code = hdr
+        want = (self.kv.shape[1], sum(s.num for s in slices), self.kv.shape[5], self.kv.shape[3],
+                DTYPE_CODES[self.kv.dtype])
+        if magic != MAGIC or (layers, heads, head_dim, block_size, dtype_code) != want:
+            raise ChannelClosed(f"KV layout mismatch: got header {hdr}, this rank expects "
+                                f"(layers, heads, head_dim, block_size, dtype) = {want}")
+        table = ch.recv_now((2 * n,), torch.int64).view(n, 2).tolist()
+        offsets, off = [], 0
+        for key, nb in table:
+            offsets.append((key, off, nb))
+            off += nb
+        for layer in range(layers):
+            buf = ch.recv_now((2, total, block_size, heads, head_dim), self.kv.dtype)
+            with self.lock:
+                for key, o, nb in offsets:
+                    e = self.expected.get(key)
+                    if e is None or e.dst.numel() != nb:
+                        continue  # cancelled, unknown, or not ours: drop
+                    h = 0
+                    for s in slices:
+                        self.kv[:, layer, e.dst, :, s.dst_start:s.dst_start + s.num] = buf[:, o:o + nb, :, h:h + s.num]
+                        h += s.num
+        with self.lock:
+            for key, _, nb in offsets:
+                e = self.expected.get(key)
+                if e is None or e.dst.numel() != nb:
+                    continue
+                e.done += 1
+                if e.done == e.parts:
+                    del self.expected[key]
+                    self.landed.append(e.request_id)
+
+    # ================= sender role =================
+    def connect(self, peer: str, decode_tp: int, addresses: list[dict[int, tuple[str, int]]]) -> None:
+        """Join the channels decode group `peer` opened for this rank (addresses[d][my rank] = (host, port))."""
+        plan: TransferPlan = make_transfer_plan(self.num_kv_heads, self.tp_size, decode_tp)
+        chans = {}
+        for d, slices in plan.sends_of(self.rank).items():
+            host, port = addresses[d][self.rank]
+            store = KVChannel.connect(host, port, self.timeout_s)
+            chans[d] = _OutChannel(KVChannel(store, KVChannel.SENDER, self.device, self.timeout_s), slices)
+        self.out[peer] = chans
+
+    def begin_step(self, out: Any) -> None:
+        """Announce this step's transfers (ScheduledSeqs whose prompt completes and carry `transfer`)."""
+        by_peer: dict[str, list[tuple[int, str, torch.Tensor]]] = {}
+        bs = self.kv.shape[3]
+        for s in out.seqs:
+            if s.transfer is None or not s.sample:
+                continue
+            nb = -(-(s.start + len(s.token_ids)) // bs)
+            src = torch.tensor(s.block_table[:nb], dtype=torch.int64, device=self.device)
+            by_peer.setdefault(s.transfer["peer"], []).append((transfer_key(s.request_id), s.request_id, src))
+        self.step_sends = []
+        for peer, items in by_peer.items():
+            self.step_sends.append((peer, len(items), items))
+            for ch in self.out.get(peer, {}).values():
+                total = sum(int(x[2].numel()) for x in items)
+                hdr = torch.tensor([MAGIC, len(items), self.kv.shape[1], total, sum(s.num for s in ch.slices),
+                                    self.kv.shape[5], bs, DTYPE_CODES[self.kv.dtype]], dtype=torch.int64,
+                                   device=self.device)
+                table = torch.tensor([v for k, _, src in items for v in (k, int(src.numel()))], dtype=torch.int64,
+                                     device=self.device)
+                ch.keep += [hdr, table]
+                ch.works += [ch.channel.send(hdr), ch.channel.send(table)]
+
+    def on_layer(self, layer: int) -> None:
+        for peer, _, items in self.step_sends:
+            src = torch.cat([x[2] for x in items])
+            for ch in self.out.get(peer, {}).values():
+                blocks = self.kv[:, layer, src]  # [2, total, block_size, local heads, head_dim]
+                parts = [blocks[:, :, :, s.src_start:s.src_start + s.num] for s in ch.slices]
+                buf = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=3)).contiguous()
+                ch.keep.append(buf)
+                ch.works.append(ch.channel.send(buf))
+
+    def end_step(self, out: Any) -> dict[str, Any]:
+        """Wait for this step's sends; returns {"sent": [ids], "failed": {id: error}}."""
+        sent, failed = [], {}
+        for peer, _, items in self.step_sends:
+            chans = self.out.get(peer)
+            error = None if chans else f"no KV channel to decode group {peer!r} (connect first)"
+            for d, ch in list((chans or {}).items()):
+                try:
+                    for w in ch.works:
+                        w.wait()
+                except Exception as e:
+                    error = f"KV send to decode group {peer!r} rank {d} failed: {e}"
+                    ch.channel.close()
+                    chans.pop(d)
+                ch.works, ch.keep = [], []
+            for _, rid, _ in items:
+                if error:
+                    failed[rid] = error
+                else:
+                    sent.append(rid)
+        self.step_sends = []
+        return {"sent": sent, "failed": failed}
+
+    def close(self) -> None:
+        self.closed = True
+        for chans in self.out.values():
+            for ch in chans.values():
+                ch.channel.close()
+        for ch in self.in_channels.values():
+            ch.close()

@@ -1,0 +1,41 @@
+"""Exact tests of the KV head layout and of prefill->decode transfer plans."""
+
+import pytest
+
+from kv_transfer.layout import HeadSlice, kv_heads_of_rank, make_transfer_plan
+
+
+def test_heads_split_and_replicated():
+    assert [kv_heads_of_rank(8, 2, r) for r in range(2)] == [range(0, 4), range(4, 8)]
+    assert [kv_heads_of_rank(2, 4, r) for r in range(4)] == [range(0, 1), range(0, 1), range(1, 2), range(1, 2)]
+    assert [kv_heads_of_rank(1, 2, r) for r in range(2)] == [range(0, 1), range(0, 1)]
+    with pytest.raises(ValueError):
+        kv_heads_of_rank(6, 4, 0)
+
+
+def test_tp1_to_tp2():
+    plan = make_transfer_plan(8, 1, 2)
+    assert plan.slices == ((HeadSlice(0, 0, 0, 4),), (HeadSlice(0, 4, 0, 4),))
+    assert plan.sends_of(0) == {0: [HeadSlice(0, 0, 0, 4)], 1: [HeadSlice(0, 4, 0, 4)]}
+    assert plan.sources(1) == [0]
+
+
+def test_tp2_to_tp1_gathers_from_both():
+    plan = make_transfer_plan(8, 2, 1)
+    assert plan.slices == ((HeadSlice(0, 0, 0, 4), HeadSlice(1, 0, 4, 4)),)
+    assert plan.sources(0) == [0, 1]
+
+
+def test_tp2_to_tp4_and_tp4_to_tp2():
+    assert make_transfer_plan(8, 2, 4).slices == (
+        (HeadSlice(0, 0, 0, 2),), (HeadSlice(0, 2, 0, 2),), (HeadSlice(1, 0, 0, 2),), (HeadSlice(1, 2, 0, 2),))
+    assert make_transfer_plan(8, 4, 2).slices == (
+        (HeadSlice(0, 0, 0, 2), HeadSlice(1, 0, 2, 2)), (HeadSlice(2, 0, 0, 2), HeadSlice(3, 0, 2, 2)))
+
+
+def test_replicated_heads_spread_over_senders():
+    # 2 KV heads; prefill TP 4 replicates each twice; decode TP 2 holds one head per rank.
+    plan = make_transfer_plan(2, 4, 2)
+    assert plan.slices == ((HeadSlice(0, 0, 0, 1),), (HeadSlice(3, 0, 0, 1),))
+    # MQA to TP 2: both decode ranks need head 0, prefill TP 1 sends it to both.
+    assert make_transfer_plan(1, 1, 2).slices == ((HeadSlice(0, 0, 0, 1),), (HeadSlice(0, 0, 0, 1),))
