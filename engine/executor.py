@@ -88,7 +88,11 @@ class MultiprocExecutor(Executor):
                 raise WorkerError(f"tensor-parallel worker(s) {dead} exited")
             if timeout_s is not None and waited >= timeout_s:
                 raise WorkerError(f"tensor-parallel workers did not answer within {timeout_s:.0f} s")
-        msg = self.conn.recv()
+        try:
+            msg = self.conn.recv()
+        except (EOFError, OSError):
+            codes = {p.name: p.exitcode for p in self.procs}
+            raise WorkerError(f"tensor-parallel rank 0 exited (exit codes {codes})") from None
         if isinstance(msg, tuple) and msg and msg[0] == "error":
             raise WorkerError(f"tensor-parallel rank 0 failed:\n{msg[1]}")
         return msg

@@ -1,0 +1,92 @@
+"""Prefill on one engine, KV streamed layer by layer over gloo to a (tensor-parallel) decode engine, decoding
+continues there: tokens must equal single-process greedy `LLM` output. Failures free every block."""
+
+import random
+import time
+
+import pytest
+from kv_helpers import disaggregated_generate, engine, run_until_done, wire
+
+from engine import LLM, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+def prompts(n=4, seed=11):
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 384) for _ in range(k)] for k in (5, 16, 33, 70, 130)[:n]]
+
+
+@pytest.fixture(scope="module")
+def reference(llama_dir):
+    return [o.token_ids for o in LLM(llama_dir).generate(prompts(5), GREEDY)]
+
+
+@pytest.fixture(scope="module")
+def prefill(llama_dir):
+    eng = engine(llama_dir, num_blocks=128)
+    yield eng
+    eng.shutdown()
+
+
+@pytest.mark.parametrize("decode_tp", [1, 2])
+def test_prefill_tp1_to_decode(llama_dir, prefill, reference, decode_tp):
+    decode = engine(llama_dir, tp=decode_tp, num_blocks=96)
+    try:
+        wire(prefill, "p0", decode, f"d{decode_tp}")
+        # Several requests at once: one prefill step sends all their KV in one message per layer.
+        outs = disaggregated_generate(prefill, decode, prompts(5), GREEDY, decode_name=f"d{decode_tp}")
+        assert [outs[f"req{i}"].token_ids for i in range(5)] == reference
+        assert all(o.finish_reason == "length" for o in outs.values())
+        assert decode.num_free_blocks == 96 and prefill.num_free_blocks == 128
+        # The channel stays usable for the next requests.
+        again = disaggregated_generate(prefill, decode, prompts(2, seed=11), GREEDY, decode_name=f"d{decode_tp}")
+        assert [again[f"req{i}"].token_ids for i in range(2)] == reference[:2]
+    finally:
+        decode.shutdown()
+
+
+def test_prefill_tp2_to_decode_tp1_gathers_heads(llama_dir, reference):
+    p = engine(llama_dir, tp=2, num_blocks=64)
+    d = engine(llama_dir, num_blocks=64)
+    try:
+        wire(p, "p2", d, "d1")
+        outs = disaggregated_generate(p, d, prompts(3), GREEDY, prefill_name="p2", decode_name="d1")
+        assert [outs[f"req{i}"].token_ids for i in range(3)] == reference[:3]
+    finally:
+        p.shutdown()
+        d.shutdown()
+
+
+def test_transfer_deadline_frees_blocks(llama_dir):
+    d = engine(llama_dir, num_blocks=32)
+    d.call_extension("listen", "silent", 1)
+    blocks = d.reserve_remote_prefill("r", prompts(1)[0] * 8, GREEDY, "silent", 1, timeout_s=0.5)
+    assert blocks and d.num_free_blocks == 32 - len(blocks)
+    time.sleep(0.7)
+    (out,) = d.step()
+    assert out.finished and out.finish_reason == "abort" and "deadline" in out.error
+    assert d.num_free_blocks == 32 and not d.has_unfinished_requests()
+    d.shutdown()
+
+
+def test_sender_killed_mid_transfer(llama_dir):
+    p = engine(llama_dir, tp=2, num_blocks=64, extension="kv_helpers:DyingConnector")
+    d = engine(llama_dir, num_blocks=64)
+    try:
+        wire(p, "pd", d, "dd")
+        ps = prompts(2)
+        for i, pr in enumerate(ps):
+            assert d.reserve_remote_prefill(f"k{i}", pr, GREEDY, "pd", 2, timeout_s=60) is not None
+            p.add_request(f"k{i}", pr, GREEDY, transfer={"peer": "dd"})
+        with pytest.raises(Exception, match="exited|failed"):
+            run_until_done(p, {"k0", "k1"})
+        outs = run_until_done(d, {"k0", "k1"}, max_steps=200)  # the broken channel fails both, promptly
+        assert all(o.finish_reason == "abort" and "pd" in o.error for o in outs.values())
+        assert d.num_free_blocks == 64 and not d.has_unfinished_requests()
+        # The decode engine still serves: a local request runs fine.
+        d.add_request("local", ps[0], GREEDY)
+        assert run_until_done(d, {"local"})["local"].finish_reason == "length"
+    finally:
+        p.shutdown()
+        d.shutdown()
