@@ -31,7 +31,9 @@ def run_until_done(eng: LLMEngine, ids: set[str], max_steps: int = 10_000) -> di
                 finals[o.request_id] = o
         if ids <= finals.keys():
             return finals
-    raise AssertionError(f"requests {ids - finals.keys()} did not finish")
+    s = eng.scheduler
+    raise AssertionError(f"requests {ids - finals.keys()} did not finish: waiting {list(s.waiting)}, running "
+                         f"{s.running}, remote {list(s.remote)}, free blocks {eng.num_free_blocks}")
 
 
 def disaggregated_generate(prefill: LLMEngine, decode: LLMEngine, prompts: list[list[int]],
