@@ -32,7 +32,7 @@ class Executor:
 
 class LocalExecutor(Executor):
     def __init__(self, config: Any) -> None:
-        self.runner = ModelRunner(config.model, config.cache, config.scheduler, config.device)
+        self.runner = ModelRunner(config.model, config.cache, config.scheduler, config.device, config.load_format)
         self.num_blocks = self.runner.allocate_kv_cache()
         self.extension = make_extension(config, self.runner, 0)
 

@@ -28,6 +28,7 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     device: str = "cpu"
     worker_extension: str | None = None  # "module:Class" built on every rank (see engine.worker_extension)
+    load_format: str = "auto"  # "dummy": random weights from config.json alone (benchmarks)
 
     @classmethod
     def from_model_dir(cls, model_dir: str, *, dtype: str = "auto", device: str = "cpu", block_size: int = 16,
@@ -35,7 +36,8 @@ class EngineConfig:
                        gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
                        max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
                        enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
-                       tensor_parallel_size: int = 1, worker_extension: str | None = None) -> EngineConfig:
+                       tensor_parallel_size: int = 1, worker_extension: str | None = None,
+                       load_format: str = "auto") -> EngineConfig:
         model = load_model_config(model_dir, dtype)
         if max_model_len is None:
             max_model_len = min(model.max_position_embeddings, 8192)
@@ -54,6 +56,7 @@ class EngineConfig:
             parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size),
             device=device,
             worker_extension=worker_extension,
+            load_format=load_format,
         )
 
 

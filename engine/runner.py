@@ -35,7 +35,8 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, model: ModelConfig, cache: CacheConfig, sched: SchedulerConfig, device: str = "cpu") -> None:
+    def __init__(self, model: ModelConfig, cache: CacheConfig, sched: SchedulerConfig, device: str = "cpu",
+                 load_format: str = "auto") -> None:
         self.model_config, self.cache_config, self.sched_config = model, cache, sched
         self.device = torch.device(device)
         if self.device.type == "cuda":
@@ -44,7 +45,7 @@ class ModelRunner:
             torch.cuda.set_device(self.device)
         self.dtype = TORCH_DTYPES[model.dtype]
         self.block_size = cache.block_size
-        self.model = load_model(model, self.device, max_positions=sched.max_model_len)
+        self.model = load_model(model, self.device, max_positions=sched.max_model_len, load_format=load_format)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.sampler = Sampler(self.device)
         self.num_blocks = 0  # set by allocate_kv_cache (tensor-parallel ranks first agree on the count)

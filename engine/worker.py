@@ -18,8 +18,11 @@ from engine.worker_extension import RankContext, load_extension
 
 
 def rank_device(device: str, rank: int) -> str:
-    """Rank r of a GPU group uses cuda:r; on CPU every rank uses the CPU."""
-    return f"cuda:{rank}" if device.startswith("cuda") else "cpu"
+    """Rank r of a GPU group on "cuda:K" (or "cuda", K = 0) uses cuda:K+r; on CPU every rank uses the CPU."""
+    if not device.startswith("cuda"):
+        return "cpu"
+    base = int(device.partition(":")[2] or 0)
+    return f"cuda:{base + rank}"
 
 
 class TPWorker:
@@ -31,7 +34,7 @@ class TPWorker:
         else:
             torch.cuda.set_device(self.device)
         self.group = TPGroup(rank, size, init_method, use_cuda=self.device != "cpu")
-        self.runner = ModelRunner(config.model, config.cache, config.scheduler, self.device)
+        self.runner = ModelRunner(config.model, config.cache, config.scheduler, self.device, config.load_format)
         self.num_blocks = self.runner.allocate_kv_cache(self.group.min_across_ranks(self.runner.local_num_blocks()))
         self.extension = make_extension(config, self.runner, rank)
 

@@ -141,8 +141,17 @@ class KVConnector:
         for key, nb in table:
             offsets.append((key, off, nb))
             off += nb
-        for layer in range(layers):
-            buf = ch.recv_now((2, total, block_size, heads, head_dim), self.kv.dtype)
+        # Post every layer's receive at once: the transport fills them in order while this thread (which needs
+        # the GIL, shared with the engine loop) only waits and scatters. [2, total, block_size, heads, head_dim]
+        bufs = [torch.empty((2, total, block_size, heads, head_dim), dtype=self.kv.dtype, device=self.device)
+                for _ in range(layers)]
+        works = [ch.recv(b) for b in bufs]
+        for layer, (buf, work) in enumerate(zip(bufs, works)):
+            try:
+                work.wait()
+            except Exception as e:
+                raise ChannelClosed(f"KV channel broke while receiving: {e}") from e
+            bufs[layer] = None  # type: ignore[call-overload]  # release staging as soon as it is scattered
             with self.lock:
                 for key, o, nb in offsets:
                     e = self.expected.get(key)

@@ -56,11 +56,28 @@ def _target(model: nn.Module, name: str) -> tuple[str, object]:
     return name, None
 
 
-def load_model(cfg: ModelConfig, device: torch.device, max_positions: int) -> nn.Module:
-    """Instantiate the architecture on `device` in `cfg.dtype` and fill every parameter from the checkpoint."""
+def _fill_dummy(model: nn.Module, seed: int = 0) -> None:
+    """Random weights for benchmarks (`load_format="dummy"`): N(0, 0.02) matrices, unit norms, no I/O."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_((torch.randn(p.shape, generator=g) * 0.02).to(p.dtype))
+
+
+def load_model(cfg: ModelConfig, device: torch.device, max_positions: int, load_format: str = "auto") -> nn.Module:
+    """Instantiate the architecture on `device` in `cfg.dtype` and fill every parameter from the checkpoint
+    (or, with load_format "dummy", with random values: only config.json is read)."""
+    if load_format not in ("auto", "dummy"):
+        raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
     cls = MODEL_REGISTRY[cfg.architecture]
     with _default_dtype(TORCH_DTYPES[cfg.dtype]), torch.device(device):
         model = cls(cfg, max_positions)
+    if load_format == "dummy":
+        _fill_dummy(model)
+        return model.eval()
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
     for path in safetensors_files(cfg.model_dir):

@@ -104,3 +104,15 @@ def test_flush_emits_incomplete_tail(llama_dir):
     assert d.text == "" or not d.text.endswith("\ufffd")
     tail = d.flush()
     assert d.text == tok.decode(ids[:1]) and (tail == "" or tail.endswith("\ufffd"))
+
+
+def test_dummy_load_format_needs_only_config(llama_dir, tmp_path):
+    d = tmp_path / "cfg_only"
+    d.mkdir()
+    shutil.copy(os.path.join(llama_dir, "config.json"), d)
+    with pytest.raises(CheckpointError, match="no \\*.safetensors"):
+        LLM(str(d))
+    out = LLM(str(d), load_format="dummy").generate([[5, 6]], SamplingParams(max_tokens=3, ignore_eos=True))[0]
+    assert len(out.token_ids) == 3
+    with pytest.raises(ValueError, match="load_format"):
+        LLM(str(d), load_format="pt")
