@@ -41,16 +41,19 @@ class RemotePrefills:
             for rid, err in ev.get("failed", {}).items():
                 if rid in self.pending:
                     failed.setdefault(rid, err)
-        now = time.monotonic()
-        for rid, p in self.pending.items():
-            if rid not in failed and p.deadline < now and p.landed_ranks < self.tp_size:
-                failed[rid] = "KV transfer did not complete within its deadline"
         for rid in failed:
             del self.pending[rid]
         ready = [(rid, p.first_token) for rid, p in self.pending.items()
                  if p.landed_ranks >= self.tp_size and p.first_token is not None]
         for rid, _ in ready:
             del self.pending[rid]
+        # Whatever is not ready by its deadline fails: KV still missing, or the first token never came.
+        now = time.monotonic()
+        for rid, p in list(self.pending.items()):
+            if p.deadline < now:
+                failed[rid] = ("KV transfer did not complete within its deadline" if p.landed_ranks < self.tp_size
+                               else "the prefill worker's first token did not arrive within the deadline")
+                del self.pending[rid]
         return ready, failed
 
     def discard(self, request_id: str) -> bool:

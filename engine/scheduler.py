@@ -155,7 +155,7 @@ class Scheduler:
                 i += 1
         if out.preempted:
             return out
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) + len(self.remote) < self.config.max_num_seqs:
             seq = self.waiting[0]
             prefix = self.blocks.find_cached_prefix(seq)
             n = seq.num_tokens - len(prefix) * self.block_size

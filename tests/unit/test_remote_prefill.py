@@ -1,0 +1,50 @@
+"""Decode-side remote prefill bookkeeping: readiness needs every rank and the first token; deadlines fail."""
+
+import time
+
+from engine.config import CacheConfig, SchedulerConfig
+from engine.remote_prefill import RemotePrefills
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+
+
+def test_ready_needs_all_ranks_and_first_token():
+    r = RemotePrefills(tp_size=2)
+    r.add("a", timeout_s=60)
+    r.add("b", timeout_s=60)
+    assert r.apply([{"landed": ["a"]}, {}]) == ([], {})
+    r.set_first_token("a", 9)
+    assert r.apply([{}, {"landed": ["a", "b"]}]) == ([("a", 9)], {})
+    assert r.apply([{"failed": {"b": "boom"}}, {"landed": ["b"]}]) == ([], {"b": "boom"})
+    assert r.pending == {}
+
+
+def test_deadline_covers_landing_and_first_token():
+    r = RemotePrefills(tp_size=1)
+    r.add("no_kv", timeout_s=0.01)
+    r.add("no_token", timeout_s=0.01)
+    r.apply([{"landed": ["no_token"]}])
+    time.sleep(0.02)
+    ready, failed = r.apply([{}])
+    assert ready == [] and "within its deadline" in failed["no_kv"] and "first token" in failed["no_token"]
+
+
+def test_reservations_hold_blocks_and_seats():
+    s = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=64, max_model_len=64),
+                  CacheConfig(block_size=4), num_blocks=8)
+    p = SamplingParams(max_tokens=3, ignore_eos=True)
+    assert s.reserve_remote(Sequence("r", list(range(10, 19)), p)) == [0, 1, 2]
+    s.add(Sequence("w1", [5, 6], p))
+    s.add(Sequence("w2", [7, 8], p))
+    out = s.schedule()
+    assert [x.request_id for x in out.seqs] == ["w1"]  # the reservation takes one of the two seats
+    seq = s.admit_remote("r", 42)
+    assert seq.num_computed_tokens == 9 and seq.token_ids[-1] == 42 and seq in s.running
+    s.update(out, {"w1": 1})
+    out = s.schedule()
+    r = next(x for x in out.seqs if x.request_id == "r")
+    assert (r.start, r.token_ids, r.block_table) == (9, [42], [0, 1, 2])
+    assert s.reserve_remote(Sequence("r2", [1, 2, 3], p)) is None  # no seat left
+    s.finish("r", "abort")
+    assert s.blocks.pool.ref_cnt[:3] == [0, 0, 0]
