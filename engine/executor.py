@@ -13,7 +13,7 @@ from typing import Any
 
 from engine.runner import ModelRunner, StepResult
 from engine.scheduler import SchedulerOutput
-from engine.worker import make_extension, worker_main
+from engine.worker import ExtensionError, make_extension, worker_main
 
 
 class Executor:
@@ -73,6 +73,7 @@ class MultiprocExecutor(Executor):
         ]
         for p in self.procs:
             p.start()
+        child.close()  # only rank 0 holds the other end now: its death reads as EOF here
         try:
             _, self.num_blocks = self._recv(startup_timeout_s)
         except BaseException:
@@ -103,7 +104,11 @@ class MultiprocExecutor(Executor):
 
     def call_extension(self, method: str, *args: Any) -> list[Any]:
         self.conn.send(("ext", method, args))
-        return self._recv()[1]
+        results = self._recv()[1]
+        errors = [r for r in results if isinstance(r, ExtensionError)]
+        if errors:
+            raise ExtensionError(f"worker extension {method!r} failed: " + "; ".join(map(str, errors)))
+        return results
 
     def shutdown(self) -> None:
         if self._closed:
@@ -118,6 +123,9 @@ class MultiprocExecutor(Executor):
             p.join(timeout=10)
             if p.is_alive():
                 p.terminate()
+                p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
                 p.join(timeout=5)
 
     def __del__(self) -> None:

@@ -139,7 +139,11 @@ class LLMEngine:
         blocks = self.scheduler.reserve_remote(seq)
         if blocks is None:
             return None
-        self.executor.call_extension("expect", request_id, blocks, peer, prefill_tp)
+        try:
+            self.executor.call_extension("expect", request_id, blocks, peer, prefill_tp)
+        except Exception:
+            self.scheduler.finish(request_id, "abort")  # nothing was registered: release the reservation
+            raise
         self._states[request_id] = _RequestState(seq, self.tokenizer)
         self._remote.add(request_id, timeout_s)
         return blocks

@@ -95,6 +95,11 @@ class Scheduler:
                              f"{self.max_seq_len - 1} fit")
         if len(self.running) + len(self.remote) >= self.config.max_num_seqs:
             return None
+        # Local work waiting (new or preempted) goes first, and running requests keep a block each to grow into:
+        # remote reservations must not starve them or force preemptions on the next step.
+        if self.waiting or cdiv(seq.num_prompt_tokens, self.block_size) + len(self.running) > \
+                self.blocks.num_free_blocks:
+            return None
         if not self.blocks.allocate(seq, seq.num_prompt_tokens):
             return None
         seq.admitted = True

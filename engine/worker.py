@@ -46,11 +46,20 @@ class TPWorker:
         if msg is None:
             return None
         if isinstance(msg, tuple) and msg[0] == "ext":
-            return ("ext", self.group.gather_to_rank0(getattr(self.extension, msg[1])(*msg[2])))
+            # An extension error is a result, not a crash: every rank still joins the gather, the group lives.
+            try:
+                value: Any = getattr(self.extension, msg[1])(*msg[2])
+            except Exception as e:
+                value = ExtensionError(f"rank {self.group.rank}: {type(e).__name__}: {e}")
+            return ("ext", self.group.gather_to_rank0(value))
         result: StepResult = self.runner.execute(msg, self.extension)
         events = self.group.gather_to_rank0(result.ext_events[0] if result.ext_events else None)
         result.ext_events = events if self.extension is not None and events is not None else []
         return result
+
+
+class ExtensionError(RuntimeError):
+    """A worker-extension call failed on a rank (the rank itself keeps running)."""
 
 
 def make_extension(config: Any, runner: ModelRunner, rank: int) -> Any:

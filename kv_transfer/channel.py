@@ -64,12 +64,19 @@ class KVChannel:
     def recv(self, t: torch.Tensor) -> dist.Work:
         return self.pg.recv([t], self.peer, 0)
 
-    def recv_now(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        t = torch.empty(shape, dtype=dtype, device=self.device)
+    def finish(self, work: dist.Work) -> None:
+        """Block *this host thread* until `work` completed. On NCCL, `Work.wait()` only makes the current CUDA
+        stream wait, so the calling thread must run on its own stream (`stream`) and synchronise it."""
         try:
-            self.recv(t).wait()
+            work.wait()
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
         except Exception as e:  # gloo raises when the peer closes or the group times out
             raise ChannelClosed(f"KV channel broke while receiving: {e}") from e
+
+    def recv_now(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        t = torch.empty(shape, dtype=dtype, device=self.device)
+        self.finish(self.recv(t))
         return t
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ no byte lands after it returns). Landed and failed requests are reported through
 from __future__ import annotations
 
 import threading
+import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,6 +93,7 @@ class KVConnector:
             for rid in request_ids:
                 self.expected.pop(transfer_key(rid), None)
                 self.failed.pop(rid, None)
+            self.landed = [r for r in self.landed if r not in request_ids]
 
     def poll(self) -> dict[str, Any]:
         """Drain events: {"landed": [request ids], "failed": {request id: error}}."""
@@ -110,7 +112,10 @@ class KVConnector:
 
     def _serve(self, peer: str, src: int, store: Any, slices: list[HeadSlice]) -> None:
         if self.device.type == "cuda":
+            # This thread's receives and scatters run on its own stream, synchronised by the host before anything
+            # is reported: an idle receive must never make the engine's stream wait.
             torch.cuda.set_device(self.device)
+            torch.cuda.set_stream(torch.cuda.Stream(self.device))
         try:
             ch = KVChannel(store, KVChannel.RECEIVER, self.device, self.timeout_s * 60)
         except Exception as e:
@@ -119,7 +124,7 @@ class KVConnector:
         self.in_channels[(peer, src)] = ch
         try:
             while not self.closed:
-                self._receive_step(ch, slices)
+                self._receive_step(ch, peer, slices)
         except ChannelClosed as e:
             if not self.closed:
                 self._fail_peer(peer, f"KV transfer from prefill worker {peer!r} rank {src} failed: {e}")
@@ -128,7 +133,7 @@ class KVConnector:
         finally:
             ch.close()
 
-    def _receive_step(self, ch: KVChannel, slices: list[HeadSlice]) -> None:
+    def _receive_step(self, ch: KVChannel, peer: str, slices: list[HeadSlice]) -> None:
         hdr = ch.recv_now((HEADER_WORDS,), torch.int64).tolist()
         magic, n, layers, total, heads, head_dim, block_size, dtype_code = hdr
         want = (self.kv.shape[1], sum(s.num for s in slices), self.kv.shape[5], self.kv.shape[3],
@@ -137,34 +142,36 @@ class KVConnector:
             raise ChannelClosed(f"KV layout mismatch: got header {hdr}, this rank expects "
                                 f"(layers, heads, head_dim, block_size, dtype) = {want}")
         table = ch.recv_now((2 * n,), torch.int64).view(n, 2).tolist()
-        offsets, off = [], 0
-        for key, nb in table:
-            offsets.append((key, off, nb))
-            off += nb
+        # Bind each transfer to its registration now: a request id cancelled and reserved again meanwhile (or
+        # expected from another peer) is a different registration and must not receive this data.
+        targets, off = [], 0
+        with self.lock:
+            for key, nb in table:
+                e = self.expected.get(key)
+                if e is not None and e.peer == peer and e.dst.numel() == nb:
+                    targets.append((e, key, off, nb))
+                off += nb
         # Post every layer's receive at once: the transport fills them in order while this thread (which needs
         # the GIL, shared with the engine loop) only waits and scatters. [2, total, block_size, heads, head_dim]
         bufs = [torch.empty((2, total, block_size, heads, head_dim), dtype=self.kv.dtype, device=self.device)
                 for _ in range(layers)]
         works = [ch.recv(b) for b in bufs]
         for layer, (buf, work) in enumerate(zip(bufs, works)):
-            try:
-                work.wait()
-            except Exception as e:
-                raise ChannelClosed(f"KV channel broke while receiving: {e}") from e
+            ch.finish(work)
             bufs[layer] = None  # type: ignore[call-overload]  # release staging as soon as it is scattered
             with self.lock:
-                for key, o, nb in offsets:
-                    e = self.expected.get(key)
-                    if e is None or e.dst.numel() != nb:
-                        continue  # cancelled, unknown, or not ours: drop
+                for e, key, o, nb in targets:
+                    if self.expected.get(key) is not e:
+                        continue  # cancelled meanwhile: its blocks may belong to someone else now
                     h = 0
                     for s in slices:
                         self.kv[:, layer, e.dst, :, s.dst_start:s.dst_start + s.num] = buf[:, o:o + nb, :, h:h + s.num]
                         h += s.num
+                if self.device.type == "cuda":  # the writes are done before the lock is released (cancel is final)
+                    torch.cuda.current_stream(self.device).synchronize()
         with self.lock:
-            for key, _, nb in offsets:
-                e = self.expected.get(key)
-                if e is None or e.dst.numel() != nb:
+            for e, key, _, _ in targets:
+                if self.expected.get(key) is not e:
                     continue
                 e.done += 1
                 if e.done == e.parts:
@@ -223,8 +230,7 @@ class KVConnector:
             error = None if chans else f"no KV channel to decode group {peer!r} (connect first)"
             for d, ch in list((chans or {}).items()):
                 try:
-                    for w in ch.works:
-                        w.wait()
+                    self._complete(ch.works)
                 except Exception as e:
                     error = f"KV send to decode group {peer!r} rank {d} failed: {e}"
                     ch.channel.close()
@@ -237,6 +243,20 @@ class KVConnector:
                     sent.append(rid)
         self.step_sends = []
         return {"sent": sent, "failed": failed}
+
+    def _complete(self, works: list[Any]) -> None:
+        """Wait on the host until the sends completed (NCCL's wait() alone only orders CUDA streams), within the
+        timeout; on expiry the caller aborts the channel."""
+        if self.device.type != "cuda":
+            for w in works:
+                w.wait()
+            return
+        deadline = time.monotonic() + self.timeout_s
+        for w in works:
+            while not w.is_completed():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"KV send did not complete within {self.timeout_s:.0f} s")
+                time.sleep(0.0002)
 
     def close(self) -> None:
         self.closed = True

@@ -97,3 +97,15 @@ def test_sender_killed_mid_transfer(llama_dir):
     finally:
         p.shutdown()
         d.shutdown()
+
+
+def test_bad_expect_releases_reservation_and_keeps_ranks(llama_dir):
+    d = engine(llama_dir, tp=2, num_blocks=32)
+    try:
+        with pytest.raises(Exception, match="cannot be split|divisible|replicated"):
+            d.reserve_remote_prefill("x", prompts(1)[0], GREEDY, "p3", prefill_tp=3)  # 2 KV heads over 3 ranks
+        assert d.num_free_blocks == 32 and not d.has_unfinished_requests()
+        d.add_request("local", prompts(1)[0], GREEDY)  # the TP group survived the failed call
+        assert run_until_done(d, {"local"})["local"].finish_reason == "length"
+    finally:
+        d.shutdown()

@@ -48,3 +48,15 @@ def test_reservations_hold_blocks_and_seats():
     assert s.reserve_remote(Sequence("r2", [1, 2, 3], p)) is None  # no seat left
     s.finish("r", "abort")
     assert s.blocks.pool.ref_cnt[:3] == [0, 0, 0]
+
+
+def test_reservations_yield_to_waiting_work_and_leave_growth_room():
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64),
+                  CacheConfig(block_size=4), num_blocks=6)
+    p = SamplingParams(max_tokens=3, ignore_eos=True)
+    s.add(Sequence("a", [1, 2, 3, 4], p))
+    s.add(Sequence("b", [5, 6, 7, 8], p))
+    assert s.reserve_remote(Sequence("r", [9] * 5, p)) is None  # local requests are waiting
+    s.schedule()  # a and b run: 2 blocks used, 4 free
+    assert s.reserve_remote(Sequence("r", [9] * 9, p)) is None  # 3 blocks + 2 growth blocks > 4
+    assert s.reserve_remote(Sequence("r", [9] * 8, p)) == [2, 3]  # 2 blocks + 2 growth blocks fit
