@@ -147,8 +147,13 @@ class ModelRunner:
         if extension is not None:
             extension.begin_step(out)
             meta.on_layer_kv_written = extension.on_layer
-        with attention_context(meta):
-            hidden = self.model(input_ids, positions)  # [num_tokens, hidden]
+        try:
+            with attention_context(meta):
+                hidden = self.model(input_ids, positions)  # [num_tokens, hidden]
+        except BaseException:
+            if extension is not None:
+                extension.abort_step(out)  # e.g. a half-sent step: its channels must not be reused as is
+            raise
         events = [extension.end_step(out)] if extension is not None else []
         result = self._sample(out, meta, hidden)
         result.ext_events = events

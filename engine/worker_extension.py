@@ -2,7 +2,8 @@
 
 Named in `EngineConfig.worker_extension` as "module:Class"; each rank builds `Class(RankContext)` once its KV
 cache exists. The runner calls `begin_step(out)`, `on_layer(i)` after layer i wrote its KV, and
-`end_step(out)` (whose value reaches the driver, one per rank, as `StepResult.ext_events`). Other methods are
+`end_step(out)` (whose value reaches the driver, one per rank, as `StepResult.ext_events`), or `abort_step(out)`
+when the forward raised. Other methods are
 called on every rank by name through `LLMEngine.call_extension`. The engine itself imports no extension.
 """
 

@@ -244,6 +244,16 @@ class KVConnector:
         self.step_sends = []
         return {"sent": sent, "failed": failed}
 
+    def abort_step(self, out: Any) -> None:
+        """The forward failed mid-step: channels that carried part of this step are out of step with their
+        receivers, so close them (the receivers fail those transfers) and forget them."""
+        for peer, _, _ in self.step_sends:
+            for d, ch in list(self.out.get(peer, {}).items()):
+                if ch.works:
+                    ch.channel.close()
+                    del self.out[peer][d]
+        self.step_sends = []
+
     def _complete(self, works: list[Any]) -> None:
         """Wait on the host until the sends completed (NCCL's wait() alone only orders CUDA streams), within the
         timeout; on expiry the caller aborts the channel."""
