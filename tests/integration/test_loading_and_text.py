@@ -26,27 +26,30 @@ def test_missing_weights_file(llama_dir, tmp_path):
         LLM(d)
 
 
-def test_shape_mismatch_names_tensor(llama_dir, tmp_path):
-    d = copy_ckpt(llama_dir, tmp_path / "s")
+def rewrite_weights(d: str, edit) -> dict:
+    """Apply `edit` to the checkpoint's tensors in place on disk; returns them for further edits."""
     f = os.path.join(d, "model.safetensors")
     w = load_file(f)
-    w["model.layers.1.mlp.up_proj.weight"] = w["model.layers.1.mlp.up_proj.weight"][:100]
+    edit(w)
     save_file(w, f, metadata={"format": "pt"})
+    return w
+
+
+def test_shape_mismatch_names_tensor(llama_dir, tmp_path):
+    d = copy_ckpt(llama_dir, tmp_path / "s")
+    name = "model.layers.1.mlp.up_proj.weight"
+    rewrite_weights(d, lambda w: w.__setitem__(name, w[name][:100]))
     with pytest.raises(CheckpointError, match="model.layers.1.mlp.up_proj.weight.*\\[100, 64\\].*\\[128, 64\\]"):
         LLM(d)
 
 
 def test_missing_tensor_and_unknown_tensor(llama_dir, tmp_path):
     d = copy_ckpt(llama_dir, tmp_path / "t")
-    f = os.path.join(d, "model.safetensors")
-    w = load_file(f)
-    del w["model.layers.0.self_attn.k_proj.weight"]
-    save_file(w, f, metadata={"format": "pt"})
+    rewrite_weights(d, lambda w: w.pop("model.layers.0.self_attn.k_proj.weight"))
     with pytest.raises(CheckpointError, match="lacks weights for.*layers.0.self_attn.qkv_proj.weight:k"):
         LLM(d)
-    w["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(32, 64)
-    w["model.extra.weight"] = torch.zeros(2)
-    save_file(w, f, metadata={"format": "pt"})
+    rewrite_weights(d, lambda w: w.update({"model.layers.0.self_attn.k_proj.weight": torch.zeros(32, 64),
+                                           "model.extra.weight": torch.zeros(2)}))
     with pytest.raises(CheckpointError, match="'model.extra.weight' matches no parameter"):
         LLM(d)
 
