@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 # or on the index configured for pip). Where a GPU is present, any torch the range in pyproject.toml allows.
 TORCH_CPU_SPEC ?= torch==2.13.0
 
-.PHONY: install test lint serve clean
+.PHONY: install test lint serve protos clean
 
 install: $(STAMP)
 
@@ -23,6 +23,9 @@ $(STAMP): pyproject.toml Makefile
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
+
+protos: $(STAMP)
+	$(BIN)/python -m protos.generate
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
