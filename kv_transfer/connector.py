@@ -59,7 +59,8 @@ class KVConnector:
         self.threads: list[threading.Thread] = []
         # sender role
         self.out: dict[str, dict[int, _OutChannel]] = {}  # peer -> decode rank -> channel
-        self.step_sends: list[tuple[str, int, list[tuple[int, str, torch.Tensor]]]] = []
+        # (peer, all source block ids of the step's transfers to it, [(key, request id, src blocks)])
+        self.step_sends: list[tuple[str, torch.Tensor, list[tuple[int, str, torch.Tensor]]]] = []
         self.closed = False
 
     # ================= receiver role =================
@@ -201,7 +202,7 @@ class KVConnector:
             by_peer.setdefault(s.transfer["peer"], []).append((transfer_key(s.request_id), s.request_id, src))
         self.step_sends = []
         for peer, items in by_peer.items():
-            self.step_sends.append((peer, len(items), items))
+            self.step_sends.append((peer, torch.cat([x[2] for x in items]), items))
             for ch in self.out.get(peer, {}).values():
                 total = sum(int(x[2].numel()) for x in items)
                 hdr = torch.tensor([MAGIC, len(items), self.kv.shape[1], total, sum(s.num for s in ch.slices),
@@ -213,10 +214,12 @@ class KVConnector:
                 ch.works += [ch.channel.send(hdr), ch.channel.send(table)]
 
     def on_layer(self, layer: int) -> None:
-        for peer, _, items in self.step_sends:
-            src = torch.cat([x[2] for x in items])
-            for ch in self.out.get(peer, {}).values():
-                blocks = self.kv[:, layer, src]  # [2, total, block_size, local heads, head_dim]
+        for peer, src, _ in self.step_sends:
+            chans = self.out.get(peer, {})
+            if not chans:
+                continue
+            blocks = self.kv[:, layer, src]  # [2, total, block_size, local heads, head_dim], gathered once
+            for ch in chans.values():
                 parts = [blocks[:, :, :, s.src_start:s.src_start + s.num] for s in ch.slices]
                 buf = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=3)).contiguous()
                 ch.keep.append(buf)
