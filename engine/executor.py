@@ -13,7 +13,7 @@ from typing import Any
 
 from engine.runner import ModelRunner, StepResult
 from engine.scheduler import SchedulerOutput
-from engine.worker import ExtensionError, make_extension, worker_main
+from engine.worker import ExtensionError, TPWorker, make_extension, worker_main
 
 
 class Executor:
@@ -47,6 +47,39 @@ class LocalExecutor(Executor):
     def shutdown(self) -> None:
         if self.extension is not None and hasattr(self.extension, "close"):
             self.extension.close()
+
+
+class GroupLeaderExecutor(Executor):
+    """This process is rank 0 of a tensor-parallel group whose other ranks run in processes started elsewhere
+    (a decode worker's Ray actors, each in `engine.worker.run_follower`). Rank 0 broadcasts every step itself."""
+
+    def __init__(self, worker: TPWorker) -> None:
+        if worker.group.rank != 0:
+            raise ValueError("GroupLeaderExecutor runs on rank 0 only")
+        self.worker = worker
+        self.num_blocks = worker.num_blocks
+        self._closed = False
+
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        return self.worker.step(out)
+
+    def call_extension(self, method: str, *args: Any) -> list[Any]:
+        results = self.worker.step(("ext", method, args))[1]
+        errors = [r for r in results if isinstance(r, ExtensionError)]
+        if errors:
+            raise ExtensionError(f"worker extension {method!r} failed: " + "; ".join(map(str, errors)))
+        return results
+
+    def shutdown(self) -> None:
+        """Tell the other ranks to stop (they leave `run_follower`) and leave the group."""
+        if self._closed:
+            return
+        self._closed = True
+        self.worker.step(None)
+        ext = self.worker.extension
+        if ext is not None and hasattr(ext, "close"):
+            ext.close()
+        self.worker.group.destroy()
 
 
 def free_port() -> int:

@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 from engine.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from engine.executor import Executor, LocalExecutor, MultiprocExecutor
 from engine.models.hf_config import load_model_config
+from engine.output_processor import OutputState
 from engine.outputs import Logprob, RequestOutput
 from engine.remote_prefill import RemotePrefills
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
-from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from engine.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,9 @@ class EngineConfig:
     device: str = "cpu"
     worker_extension: str | None = None  # "module:Class" built on every rank (see engine.worker_extension)
     load_format: str = "auto"  # "dummy": random weights from config.json alone (benchmarks)
+    # Workers leave text to the router (which detokenizes and applies stop strings once, for every worker), so
+    # their engines stream token ids only.
+    detokenize: bool = True
 
     @classmethod
     def from_model_dir(cls, model_dir: str, *, dtype: str = "auto", device: str = "cpu", block_size: int = 16,
@@ -37,7 +41,7 @@ class EngineConfig:
                        max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
                        enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
                        tensor_parallel_size: int = 1, worker_extension: str | None = None,
-                       load_format: str = "auto") -> EngineConfig:
+                       load_format: str = "auto", detokenize: bool = True) -> EngineConfig:
         model = load_model_config(model_dir, dtype)
         if max_model_len is None:
             max_model_len = min(model.max_position_embeddings, 8192)
@@ -57,6 +61,7 @@ class EngineConfig:
             device=device,
             worker_extension=worker_extension,
             load_format=load_format,
+            detokenize=detokenize,
         )
 
 
@@ -72,27 +77,25 @@ def _check_tp_shapes(config: EngineConfig) -> None:
 
 
 class _RequestState:
-    """Output-side state of one request: detokenizer, text so far, how much of it was already streamed."""
+    """A request's sequence and its output side (text, stop strings, what was streamed)."""
 
     def __init__(self, seq: Sequence, tokenizer: Tokenizer | None) -> None:
         self.seq = seq
-        self.detok = (IncrementalDetokenizer(tokenizer, seq.token_ids, seq.params.skip_special_tokens)
-                      if tokenizer else None)
-        self.text = ""
-        self.emitted_chars = 0
-        self.emitted_tokens = 0
-        self.logprobs: list[Logprob] | None = [] if seq.params.logprobs is not None else None
-        # A stop string may straddle tokens: hold back this many chars of the text until it can no longer match.
-        self.holdback = max((len(s) for s in seq.params.stop), default=1) - 1
+        self.out = OutputState(seq.token_ids, seq.params, tokenizer)
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, executor: Executor | None = None) -> None:
+        """`executor` runs the model's ranks; by default a local one (TP 1) or one process per rank (TP > 1).
+        A decode worker passes one whose ranks were started elsewhere (Ray actors, see engine.executor)."""
         self.config = config
         self.tokenizer = Tokenizer.from_model_dir(config.model.model_dir)
+        self._out_tokenizer = self.tokenizer if config.detokenize else None
         _check_tp_shapes(config)
-        self.executor: Executor = (MultiprocExecutor(config) if config.parallel.tensor_parallel_size > 1
-                                   else LocalExecutor(config))
+        if executor is None:
+            executor = (MultiprocExecutor(config) if config.parallel.tensor_parallel_size > 1
+                        else LocalExecutor(config))
+        self.executor: Executor = executor
         self.num_blocks = self.executor.num_blocks
         self.scheduler = Scheduler(config.scheduler, config.cache, self.num_blocks,
                                    eos_token_ids=config.model.eos_token_ids)
@@ -122,12 +125,14 @@ class LLMEngine:
         prompt's KV as it is computed, and the request ends at its first token with finish_reason "prefilled"
         (or "abort" with `error` if the transfer failed).
         """
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer; this checkpoint has none (use stop_token_ids)")
+        if params.stop and self._out_tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this checkpoint has none (use stop_token_ids)"
+                             if self.config.detokenize else "this engine does not detokenize: stop strings are "
+                             "applied by its router")
         seq = Sequence(request_id, self.tokenize(prompt), params, arrival=next(self._arrivals))
         seq.transfer = transfer
         self.scheduler.add(seq)
-        self._states[request_id] = _RequestState(seq, self.tokenizer)
+        self._states[request_id] = _RequestState(seq, self._out_tokenizer)
 
     # ---- disaggregation: decode side ---------------------------------------------------------------------
     def reserve_remote_prefill(self, request_id: str, prompt: str | list[int], params: SamplingParams,
@@ -144,7 +149,7 @@ class LLMEngine:
         except Exception:
             self.scheduler.finish(request_id, "abort")  # nothing was registered: release the reservation
             raise
-        self._states[request_id] = _RequestState(seq, self.tokenizer)
+        self._states[request_id] = _RequestState(seq, self._out_tokenizer)
         self._remote.add(request_id, timeout_s)
         return blocks
 
@@ -208,37 +213,19 @@ class LLMEngine:
     def _emit(self, seq: Sequence, logprobs: dict, error: str | None = None) -> RequestOutput:
         """Account the sequence's newest token: logprobs, text, stop strings; build its output."""
         state = self._states[seq.request_id]
-        token = seq.token_ids[-1]
-        if state.logprobs is not None and seq.request_id in logprobs:
-            lp, top = logprobs[seq.request_id]
-            state.logprobs.append(Logprob(token, lp, top))
-        if state.detok is not None:
-            checked = len(state.text)
-            state.text += state.detok.add(token)
-            if seq.is_finished:
-                state.text += state.detok.flush()
-            self._check_stop_strings(state, checked)
-        finished = seq.is_finished
-        if finished:
-            del self._states[seq.request_id]
-        end = len(state.text) if finished else max(len(state.text) - state.holdback, state.emitted_chars)
-        new_text = state.text[state.emitted_chars:end]
-        state.emitted_chars = end
-        new_tokens = seq.output_token_ids[state.emitted_tokens:]
-        state.emitted_tokens = seq.num_output_tokens
-        return self._output(state, new_tokens, new_text, finished, error)
-
-    def _check_stop_strings(self, state: _RequestState, checked: int) -> None:
-        """Cut the text at the first stop string and finish; text before `checked` held no match already."""
-        seq = state.seq
-        if not seq.params.stop:
-            return
-        hits = [i for i in (state.text.find(s, max(0, checked - len(s) + 1)) for s in seq.params.stop) if i >= 0]
-        if hits:
-            state.text = state.text[: min(hits)]
+        lp = logprobs.get(seq.request_id)
+        stopped = state.out.add(seq.token_ids[-1], Logprob(seq.token_ids[-1], *lp) if lp else None)
+        if seq.is_finished:
+            stopped |= state.out.flush()
+        if stopped:
             if not seq.is_finished:
                 self.scheduler.finish(seq.request_id, "stop")
             seq.finish_reason = "stop"
+        finished = seq.is_finished
+        if finished:
+            del self._states[seq.request_id]
+        new_tokens, new_text = state.out.take(finished)
+        return self._output(state, new_tokens, new_text, finished, error)
 
     def _output(self, state: _RequestState, new_tokens: list[int], new_text: str, finished: bool,
                 error: str | None = None) -> RequestOutput:
@@ -247,12 +234,12 @@ class LLMEngine:
             request_id=seq.request_id,
             prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
             token_ids=seq.output_token_ids,
-            text=state.text,
+            text=state.out.text,
             new_token_ids=new_tokens,
             new_text=new_text,
             finished=finished,
             finish_reason=seq.finish_reason if finished else None,
-            logprobs=list(state.logprobs) if state.logprobs is not None else None,
+            logprobs=list(state.out.logprobs) if state.out.logprobs is not None else None,
             num_cached_tokens=seq.num_cached_tokens,
             error=error,
         )

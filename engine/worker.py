@@ -26,9 +26,11 @@ def rank_device(device: str, rank: int) -> str:
 
 
 class TPWorker:
-    def __init__(self, config: Any, rank: int, init_method: str) -> None:
+    """`device` overrides the rank's device (e.g. "cuda:0" in a process that sees only its own GPU)."""
+
+    def __init__(self, config: Any, rank: int, init_method: str, device: str | None = None) -> None:
         size = config.parallel.tensor_parallel_size
-        self.device = rank_device(config.device, rank)
+        self.device = device or rank_device(config.device, rank)
         if self.device == "cpu":  # share the cores between the ranks rather than oversubscribing them
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
         else:
@@ -68,6 +70,15 @@ def make_extension(config: Any, runner: ModelRunner, rank: int) -> Any:
     ctx = RankContext(rank, config.parallel.tensor_parallel_size, runner.device, runner.kv_cache,
                       config.model, config.cache)
     return load_extension(config.worker_extension, ctx)
+
+
+def run_follower(worker: TPWorker) -> None:
+    """A rank > 0 whose rank 0 lives in another process: take part in every step until rank 0 shuts down."""
+    while worker.step(None) is not None:
+        pass
+    if worker.extension is not None and hasattr(worker.extension, "close"):
+        worker.extension.close()
+    worker.group.destroy()
 
 
 def worker_main(config: Any, rank: int, init_method: str, conn: Any) -> None:

@@ -13,6 +13,7 @@ no byte lands after it returns). Landed and failed requests are reported through
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import traceback
@@ -43,12 +44,15 @@ class _OutChannel:
 
 
 class KVConnector:
-    def __init__(self, ctx: Any, host: str = "127.0.0.1", timeout_s: float = 60.0) -> None:
+    def __init__(self, ctx: Any, host: str | None = None, timeout_s: float = 60.0) -> None:
         self.rank, self.tp_size = ctx.rank, ctx.tp_size
         self.kv: torch.Tensor = ctx.kv_cache  # [2, layers, blocks, block_size, local kv heads, head_dim]
         self.num_kv_heads = ctx.model_config.num_kv_heads
         self.device = self.kv.device
-        self.host, self.timeout_s = host, timeout_s
+        # The address this rank's TCPStores advertise to senders: its node's address in a cluster (a deployment
+        # sets KVRELAY_KV_HOST in each worker process), loopback on one machine.
+        self.host = host or os.environ.get("KVRELAY_KV_HOST", "127.0.0.1")
+        self.timeout_s = timeout_s
         self.lock = threading.Lock()
         # receiver role
         self.expected: dict[int, _Expected] = {}

@@ -1,0 +1,101 @@
+"""The decode group's gRPC service (on rank 0): the one place where its protobuf meets the engine's objects."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from engine.engine_loop import EngineDead, EngineLoop
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from protos import codec
+from protos import worker_pb2 as wpb
+from protos import worker_pb2_grpc as wpb_grpc
+
+
+class DecodeService(wpb_grpc.DecodeGroupServicer):
+    def __init__(self, name: str, loop: EngineLoop) -> None:
+        self.name, self.loop = name, loop
+
+    async def Listen(self, request: wpb.ListenRequest, context: grpc.aio.ServicerContext) -> wpb.ListenReply:
+        peer, tp = request.prefill_worker, request.prefill_tensor_parallel_size
+        try:
+            per_rank = await self.loop.acall(lambda eng: eng.call_extension("listen", peer, tp))
+        except Exception as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"decode group {self.name} could not listen: {e}")
+        return wpb.ListenReply(channels=[
+            wpb.ChannelAddress(decode_rank=d, prefill_rank=p, host=host, port=port)
+            for d, addrs in enumerate(per_rank) for p, (host, port) in sorted(addrs.items())])
+
+    async def Decode(self, request: wpb.DecodeRequest,
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[wpb.DecodeEvent]:
+        rid = request.request_id
+        try:
+            params = SamplingParams(**codec.sampling_kwargs(request.sampling))
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        aio = asyncio.get_running_loop()
+        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+
+        def reserve(eng: LLMEngine) -> tuple[list[int] | None, int]:
+            blocks = eng.reserve_remote_prefill(rid, list(request.prompt_token_ids), params, request.prefill_worker,
+                                                request.prefill_tensor_parallel_size,
+                                                timeout_s=request.transfer_timeout_s or 30.0)
+            if blocks is not None:
+                self.loop.subscribe(rid, lambda o: aio.call_soon_threadsafe(outputs.put_nowait, o))
+            return blocks, eng.num_free_blocks
+
+        try:
+            blocks, free = await self.loop.acall(reserve)
+        except EngineDead as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"decode group {self.name}: {e}")
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except Exception as e:  # e.g. a rank could not register the transfer
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"decode group {self.name}: {e}")
+        if blocks is None:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"decode group {self.name} has no free KV blocks or seats now ({free} blocks free)")
+        finished = False
+        try:
+            yield wpb.DecodeEvent(reserved=wpb.Reserved(num_blocks=len(blocks), free_blocks=free))
+            while not finished:
+                out = await outputs.get()
+                finished = out.finished
+                if out.new_token_ids:
+                    yield wpb.DecodeEvent(tokens=tokens_message(out))
+                if finished:
+                    yield wpb.DecodeEvent(finished=wpb.DecodeFinished(finish_reason=out.finish_reason or "abort",
+                                                                      error=out.error or ""))
+        finally:
+            if not finished:  # cancelled by the router (client gone, stop string, deadline): free the blocks now
+                self.loop.call(lambda eng: eng.abort_request(rid))
+
+    async def SetFirstToken(self, request: wpb.FirstToken, context: grpc.aio.ServicerContext) -> wpb.Ack:
+        try:
+            await self.loop.acall(lambda eng: eng.set_first_token(request.request_id, request.token_id))
+        except KeyError:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"decode group {self.name} has no reservation for request {request.request_id!r}")
+        except EngineDead as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"decode group {self.name}: {e}")
+        return wpb.Ack()
+
+    async def GetLoad(self, request: wpb.LoadRequest, context: grpc.aio.ServicerContext) -> wpb.WorkerLoad:
+        return codec.load_message(self.name, self.loop)
+
+
+def tokens_message(out: RequestOutput) -> wpb.DecodeTokens:
+    n = len(out.new_token_ids)
+    msg = wpb.DecodeTokens(start_index=len(out.token_ids) - n, token_ids=out.new_token_ids)
+    if out.logprobs:
+        msg.logprobs.extend(codec.logprob_message(lp.logprob, lp.top) for lp in out.logprobs[-n:])
+    return msg
+
+
+def add_to_server(server: Any, service: DecodeService) -> None:
+    wpb_grpc.add_DecodeGroupServicer_to_server(service, server)

@@ -1,0 +1,167 @@
+"""Runs an `LLMEngine` on a thread of its own, so that a server (asyncio, gRPC) can feed it and read its outputs.
+
+Only the loop thread touches the engine: other threads submit calls (`call`), which run between steps, and
+subscribe a sink per request, which the loop calls with each `RequestOutput` of that request. The loop steps
+while there is work and otherwise sleeps until a call arrives. If a step fails, the engine is unusable (e.g. a
+tensor-parallel rank died): every subscribed request ends with an "abort" output carrying the error, and later
+calls raise `EngineDead`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+
+T = TypeVar("T")
+log = logging.getLogger("kvrelay.engine_loop")
+
+# With only remote prefills pending (KV in flight, nothing to compute), poll for landed KV this often.
+REMOTE_POLL_S = 0.002
+
+
+class EngineDead(RuntimeError):
+    """The engine loop stopped after a failed step; the message carries why."""
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot the loop publishes after every step (read lock-free by other threads)."""
+
+    num_blocks: int
+    free_blocks: int
+    running: int
+    waiting: int
+    remote: int
+    prefix_cache_hit_rate: float
+    steps: int
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine, name: str = "engine") -> None:
+        self.engine = engine
+        self._calls: queue.SimpleQueue[tuple[Callable[[LLMEngine], Any], concurrent.futures.Future]] = \
+            queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._sinks: dict[str, Callable[[RequestOutput], None]] = {}
+        self._stopping = False
+        self.error: str | None = None
+        self._steps = 0
+        self.stats = self._snapshot()
+        self._thread = threading.Thread(target=self._run, name=f"kvrelay-{name}-loop", daemon=True)
+        self._thread.start()
+
+    # ---- used from other threads --------------------------------------------------------------------------
+    def call(self, fn: Callable[[LLMEngine], T]) -> concurrent.futures.Future[T]:
+        """Run `fn(engine)` on the loop thread before its next step; the future holds its value or exception."""
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+        if self.error is not None:
+            fut.set_exception(EngineDead(self.error))
+            return fut
+        self._calls.put((fn, fut))
+        self._wake.set()
+        return fut
+
+    async def acall(self, fn: Callable[[LLMEngine], T]) -> T:
+        return await asyncio.wrap_future(self.call(fn))
+
+    def subscribe(self, request_id: str, sink: Callable[[RequestOutput], None]) -> None:
+        """Deliver the request's outputs to `sink` (called on the loop thread; it must be quick and thread-safe,
+        e.g. `loop.call_soon_threadsafe(queue.put_nowait, ...)`). Call it from inside `call` so no output is
+        missed; the sink is dropped after the request's finished output."""
+        self._sinks[request_id] = sink
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop stepping and shut the engine down (its tensor-parallel ranks too)."""
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout_s)
+        self.engine.shutdown()
+
+    # ---- the loop thread ----------------------------------------------------------------------------------
+    def _snapshot(self) -> EngineStats:
+        s = self.engine.scheduler
+        return EngineStats(self.engine.num_blocks, self.engine.num_free_blocks, len(s.running), len(s.waiting),
+                           len(s.remote), self.engine.prefix_cache_hit_rate, self._steps)
+
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                fn, fut = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(self.engine))
+            except BaseException as e:  # the caller gets it; the loop carries on
+                fut.set_exception(e)
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            sink = self._sinks.pop(out.request_id, None) if out.finished else self._sinks.get(out.request_id)
+            if sink is not None:
+                try:
+                    sink(out)
+                except Exception:
+                    log.exception("output sink of request %s failed", out.request_id)
+
+    def _run(self) -> None:
+        eng = self.engine
+        while not self._stopping:
+            self._run_calls()
+            if not eng.has_unfinished_requests():
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
+                outputs = eng.step()
+            except BaseException:
+                self._die(traceback.format_exc())
+                break
+            self._steps += 1
+            self._dispatch(outputs)
+            self.stats = self._snapshot()
+            s = eng.scheduler
+            if not (s.running or s.waiting) and not outputs:
+                # Only KV transfers in flight: nothing to compute, so wait for a call or the next poll.
+                self._wake.wait(REMOTE_POLL_S)
+                self._wake.clear()
+        while not self._stopping:  # dead: fail every call that still arrives, until stopped
+            self._fail_calls()
+            self._wake.wait()
+            self._wake.clear()
+        self._end_all("the worker is shutting down")
+        self._fail_calls()
+
+    def _die(self, tb: str) -> None:
+        self.error = f"engine step failed:\n{tb}"
+        log.error(self.error)
+        self._end_all(self.error)
+
+    def _end_all(self, error: str) -> None:
+        """End every subscribed request with an "abort" output carrying `error`."""
+        for rid, sink in list(self._sinks.items()):
+            try:
+                sink(RequestOutput(rid, [], [], "", [], "", finished=True, finish_reason="abort", error=error))
+            except Exception:
+                pass
+        self._sinks.clear()
+
+    def _fail_calls(self) -> None:
+        while True:
+            try:
+                _, fut = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(EngineDead(self.error or "engine stopped"))

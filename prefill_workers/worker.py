@@ -1,0 +1,32 @@
+"""A prefill worker in one process: its engine (with the KV connector as worker extension), the engine loop, and
+its gRPC server. Ray-free, so tests and single-machine tools can run one directly."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from engine.engine_loop import EngineLoop
+from engine.llm_engine import EngineConfig, LLMEngine
+from prefill_workers.service import PrefillService, add_to_server
+from protos.serving import AsyncServerThread
+
+KV_CONNECTOR = "kv_transfer.connector:KVConnector"
+
+
+class PrefillWorker:
+    """Mutates: the engine it owns. `address` is where its gRPC service listens once constructed."""
+
+    def __init__(self, name: str, config: EngineConfig, bind_host: str = "127.0.0.1",
+                 advertise_host: str | None = None, port: int = 0) -> None:
+        self.name = name
+        config = dataclasses.replace(config, worker_extension=KV_CONNECTOR, detokenize=False)
+        self.engine = LLMEngine(config)
+        self.loop = EngineLoop(self.engine, name)
+        service = PrefillService(name, self.loop)
+        self.server = AsyncServerThread(lambda s: add_to_server(s, service), bind_host, port, name)
+        self.port = self.server.start()
+        self.address = f"{advertise_host or bind_host}:{self.port}"
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.loop.stop()

@@ -1,0 +1,57 @@
+"""Routing policy (pure Python): which prefill worker runs a prompt, which decode groups may take it.
+
+Prefill: with "cache_aware", the worker holding the longest cached prefix of the prompt, ties (and misses) broken
+by load; but when that worker is `balance_abs_threshold` requests busier than the least loaded one, the least
+loaded wins (a popular prefix must not pile all traffic on one worker). "least_loaded" and "round_robin" ignore
+the cache. Decode: groups with the most free KV blocks first, then the least loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class WorkerView:
+    """What the router knows of one worker: from its last load poll, plus the router's own in-flight count."""
+
+    name: str
+    healthy: bool = True
+    inflight: int = 0  # requests the router has on it now
+    free_blocks: int = 0
+    num_blocks: int = 0
+    running: int = 0
+    waiting: int = 0
+
+    @property
+    def load(self) -> int:
+        return self.inflight
+
+
+class RoutingPolicy:
+    """Mutates: the round-robin cursor only."""
+
+    def __init__(self, name: str = "cache_aware", balance_abs_threshold: int = 16) -> None:
+        self.name, self.threshold = name, balance_abs_threshold
+        self._rr = 0
+
+    def pick_prefill(self, workers: list[WorkerView], cached_blocks: dict[str, int]) -> WorkerView | None:
+        """The prefill worker for a prompt; `cached_blocks[name]` = its (estimated) cached prefix, in blocks."""
+        healthy = [w for w in workers if w.healthy]
+        if not healthy:
+            return None
+        if self.name == "round_robin":
+            self._rr += 1
+            return healthy[self._rr % len(healthy)]
+        least = min(healthy, key=lambda w: (w.load, w.name))
+        if self.name == "least_loaded":
+            return least
+        best = min(healthy, key=lambda w: (-cached_blocks.get(w.name, 0), w.load, w.name))
+        if best.load - least.load >= self.threshold:
+            return least
+        return best
+
+    @staticmethod
+    def rank_decode(groups: list[WorkerView]) -> list[WorkerView]:
+        """Healthy decode groups, most free KV blocks first, then least loaded."""
+        return sorted((g for g in groups if g.healthy), key=lambda g: (-g.free_blocks, g.load, g.name))

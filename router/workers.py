@@ -1,0 +1,120 @@
+"""The router's pool of workers: their clients, what it knows of their load and caches, KV channel wiring, and
+the poll loop that keeps load and health fresh."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from router.policy import WorkerView
+from router.prefix_index import PrefixIndex
+from router.worker_api import DecodeClient, Load, PrefillClient, WorkerError
+
+log = logging.getLogger("kvrelay.router")
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Where a worker (a prefill worker, or rank 0 of a decode group) serves, and its tensor-parallel size."""
+
+    name: str
+    address: str
+    tensor_parallel_size: int = 1
+
+
+@dataclass
+class Worker:
+    spec: WorkerSpec
+    client: PrefillClient | DecodeClient
+    view: WorkerView
+    load: Load | None = None
+    index: PrefixIndex | None = None  # prefill workers: the router's view of their prefix cache
+    error: str = ""  # why it is unhealthy
+    wired: set[str] = field(default_factory=set)  # decode groups this prefill worker has KV channels to
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+class WorkerPool:
+    """Mutates: workers' views (load polls, health) and prefix indexes."""
+
+    def __init__(self, prefill: list[WorkerSpec], decode: list[WorkerSpec], poll_interval_s: float = 0.2) -> None:
+        if not prefill or not decode:
+            raise ValueError("the router needs at least one prefill worker and one decode group")
+        names = [w.name for w in prefill + decode]
+        if len(set(names)) != len(names):
+            raise ValueError(f"worker names must be unique, got {names}")
+        self.prefill = [Worker(s, PrefillClient(s.address), WorkerView(s.name)) for s in prefill]
+        self.decode = [Worker(s, DecodeClient(s.address), WorkerView(s.name)) for s in decode]
+        self.poll_interval_s = poll_interval_s
+        self._poller: asyncio.Task | None = None
+
+    @property
+    def all(self) -> list[Worker]:
+        return self.prefill + self.decode
+
+    async def start(self, timeout_s: float = 120.0) -> None:
+        """Wait until every worker answers, open the KV channels of every (prefill, decode) pair, then poll."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        for w in self.all:
+            while not await self._poll(w):
+                if asyncio.get_running_loop().time() > deadline:
+                    raise TimeoutError(f"worker {w.name} at {w.spec.address} did not answer within {timeout_s:.0f} "
+                                       f"s: {w.error}")
+                await asyncio.sleep(0.2)
+        for p in self.prefill:
+            assert p.load is not None
+            p.index = PrefixIndex(max(p.load.num_blocks, 1))
+        await self.wire()
+        self._poller = asyncio.create_task(self._poll_loop())
+
+    async def wire(self) -> None:
+        """KV channels: each decode group listens for each prefill worker, which then connects."""
+        for p in self.prefill:
+            for d in self.decode:
+                if d.name in p.wired:
+                    continue
+                assert isinstance(d.client, DecodeClient) and isinstance(p.client, PrefillClient)
+                channels = await d.client.listen(p.name, p.spec.tensor_parallel_size)
+                await p.client.connect(d.name, d.spec.tensor_parallel_size, channels)
+                p.wired.add(d.name)
+                log.info("KV channels %s -> %s ready (%d)", p.name, d.name, len(channels))
+
+    async def _poll(self, w: Worker) -> bool:
+        try:
+            load = await w.client.load(timeout_s=max(2.0, 5 * self.poll_interval_s))
+        except WorkerError as e:
+            if w.view.healthy:
+                log.warning("worker %s is unreachable: %s", w.name, e)
+            w.view.healthy, w.error = False, f"{w.name} is unreachable ({e.code}: {e.details})"
+            return False
+        w.load = load
+        v = w.view
+        v.free_blocks, v.num_blocks, v.running, v.waiting = load.free_blocks, load.num_blocks, load.running, \
+            load.waiting
+        if v.healthy and not load.healthy:
+            log.error("worker %s reports it is unhealthy: %s", w.name, load.error)
+        v.healthy, w.error = load.healthy, load.error
+        return load.healthy
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await asyncio.gather(*(self._poll(w) for w in self.all))
+            await asyncio.sleep(self.poll_interval_s)
+
+    def mark_unhealthy(self, w: Worker, error: str) -> None:
+        """A call failed as if the worker were gone: route around it until a poll finds it healthy again."""
+        w.view.healthy, w.error = False, error
+
+    async def stop(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            try:
+                await self._poller
+            except asyncio.CancelledError:
+                pass
+        for w in self.all:
+            await w.client.close()
