@@ -30,8 +30,12 @@ protos: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# The embedded default model, 1 prefill worker and 1 decode group of 2 tensor-parallel ranks, router on PORT.
+# Extra `kvrelay serve` flags go in SERVE_ARGS (e.g. SERVE_ARGS="--model /path/to/llama --decode-groups 2").
+PORT ?= 50051
+SERVE_ARGS ?=
 serve: $(STAMP)
-	@echo "make serve starts the disaggregated server; it lands with the serving system (issue 4)." >&2; exit 2
+	$(BIN)/kvrelay serve --prefill-workers 1 --decode-groups 1 --decode-tp 2 --port $(PORT) $(SERVE_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

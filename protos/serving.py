@@ -48,3 +48,13 @@ class AsyncServerThread:
             self.run(self._server.stop(grace_s))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
+
+
+def node_ip() -> str:
+    """This node's address as Ray sees it (what other nodes reach), or loopback outside Ray."""
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+    except ImportError:
+        return "127.0.0.1"

@@ -1,0 +1,50 @@
+"""One rank of a decode group as a Ray actor (the deployment wraps this class with `ray.remote`, one GPU or CPU
+bundle each, the group's bundles packed on one node). Rank 0 hosts the engine and the gRPC service."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from decode_workers.group import DecodeFollower, DecodeLeader
+from engine.llm_engine import EngineConfig
+from protos.serving import node_ip
+
+
+class DecodeRankActor:
+    def __init__(self, name: str, config: EngineConfig, rank: int) -> None:
+        self.name, self.config, self.rank = name, config, rank
+        self.leader: DecodeLeader | None = None
+        self.follower: DecodeFollower | None = None
+
+    def init_method(self) -> str:
+        """Rank 0: the rendezvous address of the group's torch.distributed world (a free port on this node)."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return f"tcp://{node_ip()}:{port}"
+
+    def start(self, init_method: str | None, port: int = 0) -> str | None:
+        """Join the group (every rank's `start` must run at once) and load this rank's shard. Rank 0 returns
+        "host:port" of the group's gRPC service; other ranks None."""
+        ip = node_ip()
+        os.environ["KVRELAY_KV_HOST"] = ip
+        device = "cuda:0" if self.config.device.startswith("cuda") else None  # Ray shows each rank its own GPU
+        if self.rank == 0:
+            self.leader = DecodeLeader(self.name, self.config, init_method, device, bind_host="0.0.0.0",
+                                       advertise_host=ip, port=port)
+            return self.leader.address
+        assert init_method is not None
+        self.follower = DecodeFollower(self.config, self.rank, init_method, device)
+        return None
+
+    def ping(self) -> bool:
+        if self.leader is not None:
+            return self.leader.loop.error is None
+        return self.follower is not None and self.follower.running
+
+    def stop(self) -> None:
+        """Rank 0 stops the group: its engine tells the followers to leave their loops."""
+        if self.leader is not None:
+            self.leader.stop()
+            self.leader = None

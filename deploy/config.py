@@ -1,0 +1,79 @@
+"""`ServeConfig`: everything `kvrelay serve` needs, as one frozen dataclass. Built from a YAML/JSON config file
+and/or command-line flags by `deploy.cli` (flags win); validated here with messages that say what to fix."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from deploy import DEFAULT_MODEL_DIR
+from router.config import POLICIES, RouterConfig
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str = DEFAULT_MODEL_DIR  # a local HuggingFace-format directory
+    prefill_workers: int = 1
+    decode_groups: int = 1
+    decode_tp: int = 1  # ranks (GPUs) per decode group
+    host: str = "0.0.0.0"  # where the router listens
+    port: int = 50051
+    address: str | None = None  # an existing Ray cluster to join ("auto" or host:port); None = start one locally
+    device: str = "auto"  # "cuda" when the cluster has GPUs for every rank, else "cpu"
+    dtype: str = "auto"
+    block_size: int = 16
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.9
+    prefill_num_blocks: int | None = None  # KV pool per prefill worker (default: sized from memory)
+    decode_num_blocks: int | None = None  # KV pool per decode group
+    max_num_seqs: int = 256  # requests a decode group runs at once
+    max_num_batched_tokens: int = 2048  # prefill tokens per step (longer prompts are chunked)
+    enable_prefix_caching: bool = True
+    max_queued_requests: int = 512
+    queue_timeout_s: float = 120.0
+    transfer_timeout_s: float = 60.0
+    routing_policy: str = "cache_aware"
+    startup_timeout_s: float = 600.0
+    log_level: str = "warning"
+
+    def __post_init__(self) -> None:
+        if not os.path.isfile(os.path.join(self.model, "config.json")):
+            raise ValueError(f"model {self.model!r} is not a HuggingFace model directory (no config.json there)")
+        for name in ("prefill_workers", "decode_groups", "decode_tp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.routing_policy not in POLICIES:
+            raise ValueError(f"routing-policy must be one of {POLICIES}, got {self.routing_policy!r}")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise ValueError(f"log-level must be debug, info, warning or error, got {self.log_level!r}")
+        self.router_config()  # validates the router's share
+
+    def router_config(self) -> RouterConfig:
+        return RouterConfig(host=self.host, port=self.port, max_queued_requests=self.max_queued_requests,
+                            queue_timeout_s=self.queue_timeout_s, transfer_timeout_s=self.transfer_timeout_s,
+                            routing_policy=self.routing_policy)
+
+    @classmethod
+    def from_file(cls, path: str) -> dict[str, Any]:
+        """Read a YAML or JSON config file into keyword arguments (keys as the flags, '-' or '_')."""
+        with open(path) as f:
+            text = f.read()
+        if path.endswith(".json"):
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {str(k).replace("-", "_"): v for k, v in data.items()}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown setting(s) {unknown}; known: {sorted(known)}")
+        return kwargs

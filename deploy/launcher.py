@@ -1,0 +1,142 @@
+"""Places kvrelay's workers on Ray: one actor per prefill worker (one GPU each), one actor per decode rank with
+each decode group's ranks packed on one node (a STRICT_PACK placement group), started together; and takes them
+down again. The router runs in the launching process (`deploy.serve`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from decode_workers.actor import DecodeRankActor
+from deploy.config import ServeConfig
+from engine.llm_engine import EngineConfig
+from prefill_workers.actor import PrefillActor
+from router.workers import WorkerSpec
+
+log = logging.getLogger("kvrelay.deploy")
+
+
+@dataclass
+class Placed:
+    """What `Deployment.start` placed: the router's view of the workers and the engine settings they run."""
+
+    prefill: list[WorkerSpec]
+    decode: list[WorkerSpec]
+    prefill_config: EngineConfig
+    decode_config: EngineConfig
+    device: str
+    actors: list[Any] = field(default_factory=list)
+
+
+class Deployment:
+    """Mutates: the Ray actors and placement groups it creates (and the local Ray instance it may start)."""
+
+    def __init__(self, cfg: ServeConfig) -> None:
+        self.cfg = cfg
+        self.prefill_actors: list[Any] = []
+        self.decode_actors: list[list[Any]] = []  # [group][rank]
+        self.groups: list[Any] = []  # placement groups
+        self.started_ray = False
+
+    @property
+    def num_actors(self) -> int:
+        return self.cfg.prefill_workers + self.cfg.decode_groups * self.cfg.decode_tp
+
+    def _init_ray(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            return
+        if self.cfg.address:
+            ray.init(address=self.cfg.address, logging_level=logging.WARNING, log_to_driver=True)
+        else:
+            # A local instance: one CPU slot per actor at least, so a small machine still places every rank.
+            ray.init(num_cpus=max(os.cpu_count() or 1, self.num_actors), include_dashboard=False,
+                     logging_level=logging.WARNING, log_to_driver=True)
+            self.started_ray = True
+
+    def _device(self) -> str:
+        import ray
+
+        if self.cfg.device != "auto":
+            return self.cfg.device
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        if gpus >= self.num_actors:
+            return "cuda"
+        if gpus:
+            log.warning("the cluster has %d GPUs but %d ranks need one each: running on CPU", gpus, self.num_actors)
+        return "cpu"
+
+    def _engine_config(self, device: str, num_blocks: int | None, tp: int) -> EngineConfig:
+        c = self.cfg
+        return EngineConfig.from_model_dir(
+            os.path.abspath(c.model), dtype=c.dtype, device=device, block_size=c.block_size, num_blocks=num_blocks,
+            gpu_memory_utilization=c.gpu_memory_utilization, max_model_len=c.max_model_len,
+            max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
+            enable_prefix_caching=c.enable_prefix_caching, tensor_parallel_size=tp)
+
+    def start(self) -> Placed:
+        """Create and start every actor; returns once each has loaded its model and serves."""
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self._init_ray()
+        c = self.cfg
+        device = self._device()
+        gpu = device == "cuda"
+        prefill_cfg = self._engine_config(device, c.prefill_num_blocks, 1)
+        decode_cfg = self._engine_config(device, c.decode_num_blocks, c.decode_tp)
+        res = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": 1}
+        bundle = {"GPU": 1, "CPU": 1} if gpu else {"CPU": 1}
+        t0 = time.monotonic()
+
+        prefill_cls = ray.remote(PrefillActor)
+        names = [f"prefill-{i}" for i in range(c.prefill_workers)]
+        self.prefill_actors = [prefill_cls.options(name=None, max_restarts=0, **res).remote(n, prefill_cfg)
+                               for n in names]
+        decode_cls = ray.remote(DecodeRankActor)
+        for g in range(c.decode_groups):
+            pg = placement_group([bundle] * c.decode_tp, strategy="STRICT_PACK", name=f"kvrelay-decode-{g}")
+            self.groups.append(pg)
+            ray.get(pg.ready(), timeout=c.startup_timeout_s)
+            self.decode_actors.append([
+                decode_cls.options(max_restarts=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    pg, placement_group_bundle_index=r), **res).remote(f"decode-{g}", decode_cfg, r)
+                for r in range(c.decode_tp)])
+
+        prefill_addrs = [a.start.remote() for a in self.prefill_actors]
+        group_addrs = []
+        for ranks in self.decode_actors:
+            init = ray.get(ranks[0].init_method.remote()) if c.decode_tp > 1 else None
+            group_addrs.append([a.start.remote(init) for a in ranks])  # all at once: the group forms together
+        got_prefill = ray.get(prefill_addrs, timeout=c.startup_timeout_s)
+        got_decode = [ray.get(refs, timeout=c.startup_timeout_s)[0] for refs in group_addrs]
+        log.info("workers started in %.1f s on %s", time.monotonic() - t0, device)
+        return Placed(prefill=[WorkerSpec(n, a, 1) for n, a in zip(names, got_prefill)],
+                      decode=[WorkerSpec(f"decode-{g}", a, c.decode_tp) for g, a in enumerate(got_decode)],
+                      prefill_config=prefill_cfg, decode_config=decode_cfg, device=device)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop the engines cleanly where they answer, then kill every actor and release the placements."""
+        import ray
+
+        if not ray.is_initialized():
+            return
+        leaders = self.prefill_actors + [ranks[0] for ranks in self.decode_actors]
+        try:
+            ray.get([a.stop.remote() for a in leaders], timeout=timeout_s)
+        except Exception as e:  # a dead or stuck actor: killing it below is all that is left
+            log.warning("some workers did not stop cleanly: %s", e)
+        for a in self.prefill_actors + [a for ranks in self.decode_actors for a in ranks]:
+            ray.kill(a)
+        from ray.util.placement_group import remove_placement_group
+
+        for pg in self.groups:
+            remove_placement_group(pg)
+        self.prefill_actors, self.decode_actors, self.groups = [], [], []
+        if self.started_ray:
+            ray.shutdown()

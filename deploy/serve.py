@@ -1,0 +1,46 @@
+"""`kvrelay serve`: start the workers on Ray, run the router here, print where to connect, and shut everything
+down on Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from deploy.config import ServeConfig
+from deploy.launcher import Deployment, Placed
+from router.server import RouterServer
+
+
+async def run_router(cfg: ServeConfig, placed: Placed, stop: asyncio.Event | None = None) -> None:
+    """Serve until `stop` is set (or SIGINT/SIGTERM arrives)."""
+    router = RouterServer(cfg.router_config(), placed.prefill_config.model, placed.prefill, placed.decode)
+    port = await router.start(placed.decode_config.scheduler.max_model_len, cfg.startup_timeout_s)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    host = "localhost" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
+    print(f"kvrelay is serving {placed.prefill_config.model.model_dir} on {host}:{port} "
+          f"({len(placed.prefill)} prefill worker(s), {len(placed.decode)} decode group(s) of TP {cfg.decode_tp}, "
+          f"{placed.device}). Try: kvrelay generate --target {host}:{port} \"Return a list of\"", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        print("kvrelay: shutting down", file=sys.stderr, flush=True)
+        await router.stop()
+
+
+def serve(cfg: ServeConfig) -> int:
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    deployment = Deployment(cfg)
+    try:
+        placed = deployment.start()
+        asyncio.run(run_router(cfg, placed))
+    except KeyboardInterrupt:
+        print("kvrelay: interrupted", file=sys.stderr)
+    finally:
+        deployment.stop()
+    print("kvrelay: stopped", file=sys.stderr, flush=True)
+    return 0

@@ -1,0 +1,35 @@
+"""The prefill worker as a Ray actor (the deployment wraps this class with `ray.remote` and gives it one GPU,
+or CPUs). Ray is imported lazily so the class stays importable, and testable, without it."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from engine.llm_engine import EngineConfig
+from prefill_workers.worker import PrefillWorker
+from protos.serving import node_ip
+
+
+class PrefillActor:
+    def __init__(self, name: str, config: EngineConfig) -> None:
+        self.name, self.config = name, config
+        self.worker: PrefillWorker | None = None
+
+    def start(self, port: int = 0) -> str:
+        """Load the model, start the engine and the gRPC service; returns "host:port" to reach it."""
+        ip = node_ip()
+        os.environ["KVRELAY_KV_HOST"] = ip  # where this worker's KV channel stores are advertised
+        config = self.config
+        if config.device.startswith("cuda"):
+            config = dataclasses.replace(config, device="cuda:0")  # Ray shows the actor its own GPU only
+        self.worker = PrefillWorker(self.name, config, bind_host="0.0.0.0", advertise_host=ip, port=port)
+        return self.worker.address
+
+    def ping(self) -> bool:
+        return self.worker is not None and self.worker.loop.error is None
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker = None
