@@ -69,12 +69,12 @@ def compute_metrics(records: Sequence[RequestRecord], duration_s: float, slo: SL
 
 
 def timeline(records: Sequence[RequestRecord], duration_s: float, bin_s: float | None = None) -> dict[str, Any]:
-    """Throughput over time: output tokens and completed requests per second in consecutive bins from the run's
-    start (tokens counted when their chunk arrived, requests when they ended). Default bins: 1 s, widened so a
-    long run has at most 120."""
+    """Throughput over time: output tokens and completed (and failed) requests per second in consecutive bins from
+    the run's start (tokens counted when their chunk arrived, requests when they ended). Default bins: about 1 s,
+    at least 20 and at most 120 of them, all of equal width so no partial last bin understates a rate."""
     if bin_s is None:
-        bin_s = max(1.0, duration_s / 120)
-    n = max(1, math.ceil(duration_s / bin_s))
+        bin_s = duration_s / min(120, max(20, math.ceil(duration_s)))
+    n = max(1, math.ceil(duration_s / bin_s - 1e-9))
     tokens, done, failed = [0] * n, [0] * n, [0] * n
 
     def slot(t: float) -> int:

@@ -20,6 +20,7 @@ def _pyplot() -> Any:
         raise RuntimeError("--plot needs matplotlib: pip install matplotlib (or drop --plot)") from None
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401 - reached as plt.matplotlib.ticker
 
     return plt
 
@@ -55,37 +56,48 @@ def _cdfs(plt: Any, requests: list[dict[str, Any]], out_dir: str) -> str:
     return _save(plt, fig, out_dir, "latency_cdf.png")
 
 
+def _steps(tl: dict[str, Any], key: str) -> tuple[list[float], list[float]]:
+    """Bin edges and values for a step plot that also draws the last bin (steps-post ends at its last point)."""
+    return tl["t_s"] + [len(tl["t_s"]) * tl["bin_s"]], tl[key] + tl[key][-1:]
+
+
 def _throughput(plt: Any, tl: dict[str, Any], out_dir: str) -> str:
-    fig, ax = plt.subplots(figsize=(10, 4))
-    ax.plot(tl["t_s"], tl["output_tokens_per_s"], drawstyle="steps-post", label="output tokens/s")
-    ax.set(xlabel=f"time since start (s), {tl['bin_s']:g} s bins", ylabel="output tokens/s")
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    ax.plot(*_steps(tl, "output_tokens_per_s"), drawstyle="steps-post", label="output tokens/s")
+    ax.set(xlabel=f"time since start (s), {tl['bin_s']:.3g} s bins", ylabel="output tokens/s")
+    ax.set_ylim(bottom=0)
     ax2 = ax.twinx()
-    ax2.plot(tl["t_s"], tl["completed_per_s"], drawstyle="steps-post", color="tab:orange", label="completed req/s")
+    ax2.plot(*_steps(tl, "completed_per_s"), drawstyle="steps-post", color="tab:orange", label="completed req/s")
     if any(tl["failed_per_s"]):
-        ax2.plot(tl["t_s"], tl["failed_per_s"], drawstyle="steps-post", color="tab:red", label="failed req/s")
+        ax2.plot(*_steps(tl, "failed_per_s"), drawstyle="steps-post", color="tab:red", label="failed req/s")
     ax2.set(ylabel="requests/s")
-    fig.legend(loc="upper right")
+    ax2.set_ylim(bottom=0)
+    fig.legend(loc="lower center", ncol=3)
+    fig.subplots_adjust(bottom=0.22)
     ax.grid(alpha=0.3)
     ax.set_title("kvrelay bench: throughput over time")
-    fig.tight_layout()
     return _save(plt, fig, out_dir, "throughput.png")
 
 
 def _sweep(plt: Any, sweep: dict[str, Any], out_dir: str) -> str:
     pts = sorted(sweep["points"], key=lambda p: p["rate"])
     rates = [p["rate"] for p in pts]
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.plot(rates, [p["metrics"]["slo_attainment"] for p in pts], "o-", label="SLO attainment")
     ax.axhline(sweep["attainment"], color="gray", linestyle="--", label="target")
     ax.set(xscale="log", xlabel="offered rate (req/s)", ylabel="attainment", ylim=(0, 1.05))
+    ax.set_xticks(rates, [f"{r:.3g}" for r in rates])  # the rates measured, as plain numbers
+    ax.xaxis.set_minor_formatter(plt.matplotlib.ticker.NullFormatter())
     ax2 = ax.twinx()
     ax2.plot(rates, [p["metrics"]["goodput"] for p in pts], "s-", color="tab:green", label="goodput (req/s)")
     ax2.set(ylabel="goodput (req/s)")
+    ax2.set_ylim(bottom=0)
     if sweep["best_rate"] is not None:
         ax.axvline(sweep["best_rate"], color="tab:green", alpha=0.4)
-    fig.legend(loc="lower left")
     ax.set_title("kvrelay bench --sweep")
     fig.tight_layout()
+    fig.legend(loc="lower center", ncol=3)
+    fig.subplots_adjust(bottom=0.25)
     return _save(plt, fig, out_dir, "sweep.png")
 
 

@@ -31,7 +31,8 @@ def result_json(cfg: BenchConfig, model: dict[str, Any], workload: dict[str, Any
 
 
 def sweep_json(sweep: SweepResult) -> dict[str, Any]:
-    return {"sweep": {"attainment": sweep.attainment, "best_rate": sweep.best_rate, "capped": sweep.capped,
+    return {"sweep": {"attainment": sweep.attainment, "best_rate": sweep.best_rate,
+                      "lowest_missed_rate": sweep.lowest_missed_rate, "capped": sweep.capped,
                       "points": [{"rate": p.rate, "met": p.met, **run_json(p.metrics, p.run)}
                                  for p in sweep.points]}}
 
@@ -102,18 +103,22 @@ def format_table(cfg: BenchConfig, metrics: Metrics, model_name: str) -> str:
 def format_sweep_table(cfg: BenchConfig, sweep: SweepResult) -> str:
     lines = [f"{' kvrelay bench --sweep ':=^78}",
              f"SLO {describe_slo(cfg.slo)}; target attainment {100 * sweep.attainment:.0f}%",
-             f"{'rate (req/s)':>12}{'attained':>10}{'goodput':>10}{'req/s':>9}{'errors':>8}"
+             f"{'rate (req/s)':>12}{'attained':>10}{'goodput':>10}{'achieved':>10}{'errors':>8}"
              f"{'TTFT p99':>11}{'TPOT p99':>11}  met"]
     for p in sorted(sweep.points, key=lambda p: p.rate):
         m = p.metrics
         ttft = f"{m.ttft_ms.p99:.1f}" if m.ttft_ms else "n/a"
         tpot = f"{m.tpot_ms.p99:.1f}" if m.tpot_ms else "n/a"
-        lines.append(f"{p.rate:>12.4g}{100 * m.slo_attainment:>9.1f}%{m.goodput:>10.2f}{m.request_throughput:>9.2f}"
+        lines.append(f"{p.rate:>12.4g}{100 * m.slo_attainment:>9.1f}%{m.goodput:>10.2f}{m.request_throughput:>10.2f}"
                      f"{m.failed:>8}{ttft:>11}{tpot:>11}  {'yes' if p.met else 'no'}")
     if sweep.best_rate is None:
-        answer = "no rate tried met the target (lowest tried: " + f"{min(p.rate for p in sweep.points):.4g} req/s)"
+        answer = f"none: even {min(p.rate for p in sweep.points):.4g} req/s missed the target"
+    elif sweep.lowest_missed_rate is None:
+        answer = (f"{sweep.best_rate:.4g} req/s or more: no rate tried missed the target"
+                  + (" (stopped at the sweep's max rate)" if sweep.capped else " (raise --sweep-max-points)"))
     else:
-        answer = f"{sweep.best_rate:.4g} req/s" + (" (the sweep's max rate: the answer may be higher)"
-                                                    if sweep.capped else "")
-    lines += [f"Highest rate meeting the target: {answer}", "=" * 78]
+        answer = f"{sweep.best_rate:.4g} req/s ({sweep.lowest_missed_rate:.4g} req/s missed)"
+    lines += ["achieved: completed req/s. Far below the rate: saturated, or points too short for queues to build",
+              "(make each point longer with --duration or --num-requests).",
+              f"Highest rate meeting the target: {answer}", "=" * 78]
     return "\n".join(lines)

@@ -25,7 +25,8 @@ class SweepPoint:
 class SweepResult:
     attainment: float  # the target
     best_rate: float | None  # the highest rate measured that met it; None if even the lowest rate tried missed
-    capped: bool  # met at the sweep's max rate: the true answer may be higher
+    lowest_missed_rate: float | None  # the lowest rate that missed; None if none did (the answer may be higher)
+    capped: bool  # met at the sweep's max rate
     points: list[SweepPoint]
 
     @property
@@ -50,4 +51,4 @@ async def run_sweep(client: Any, workload: Workload, cfg: BenchConfig) -> SweepR
         met = m.slo_attainment >= cfg.sweep.attainment
         search.record(rate, met)
         points.append(SweepPoint(rate, met, m, run))
-    return SweepResult(cfg.sweep.attainment, search.best, search.capped, points)
+    return SweepResult(cfg.sweep.attainment, search.best, search.worst, search.capped, points)

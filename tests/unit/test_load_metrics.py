@@ -104,8 +104,12 @@ def test_slo_validation():
 def test_timeline_bins_tokens_at_arrival_and_requests_at_end():
     records = [rec(0, 0.0, [0.5, 1.5], tokens=[1, 3], end=1.6), rec(1, 1.2, [0.2], tokens=[2], end=0.3),
                rec(2, 2.5, error="UNAVAILABLE", end=0.1)]
-    tl = timeline(records, duration_s=3.0)
-    assert tl["bin_s"] == 1.0 and tl["t_s"] == [0.0, 1.0, 2.0]
+    tl = timeline(records, duration_s=3.0, bin_s=1.0)
+    assert tl["t_s"] == [0.0, 1.0, 2.0]
     assert tl["output_tokens_per_s"] == [1.0, 5.0, 0.0]
     assert tl["completed_per_s"] == [0.0, 2.0, 0.0] and tl["failed_per_s"] == [0.0, 0.0, 1.0]
-    assert len(timeline(records, duration_s=600.0)["t_s"]) == 120  # long runs get wider bins
+    short, mid, long = (timeline(records, duration_s=d) for d in (3.0, 60.0, 600.0))
+    assert len(short["t_s"]) == 20 and short["bin_s"] == pytest.approx(0.15)  # short runs: 20 bins
+    assert len(mid["t_s"]) == 60 and mid["bin_s"] == pytest.approx(1.0)  # about 1 s each
+    assert len(long["t_s"]) == 120 and long["bin_s"] == pytest.approx(5.0)  # long runs: wider bins
+    assert sum(short["output_tokens_per_s"]) * short["bin_s"] == pytest.approx(6)  # every token in some bin
