@@ -58,8 +58,9 @@ def run(args: argparse.Namespace) -> int:
                           "finish_reason": final.finish_reason, "usage": vars(final.usage),
                           "timings": vars(final.timings)}))
     else:
+        print(flush=True)  # end the streamed text's line on stdout
         u, t = final.usage, final.timings
-        print(f"\n[{final.finish_reason}] prompt {u.prompt_tokens} tokens ({u.cached_prompt_tokens} cached), "
+        print(f"[{final.finish_reason}] prompt {u.prompt_tokens} tokens ({u.cached_prompt_tokens} cached), "
               f"completion {u.completion_tokens} tokens; first token {t.first_token_ms:.0f} ms, "
               f"total {t.total_ms:.0f} ms", file=sys.stderr)
     return 0

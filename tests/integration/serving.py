@@ -1,0 +1,75 @@
+"""A real kvrelay deployment for tests: Ray actors (1 prefill worker, 1 decode group of TP 2) on the embedded
+default model in float32, the router on a background asyncio loop of this process, and helpers to read the
+workers' KV state over the internal API."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from deploy import DEFAULT_MODEL_DIR
+from deploy.config import ServeConfig
+from deploy.launcher import Deployment, Placed
+from protos import worker_pb2 as wpb
+from protos import worker_pb2_grpc as wpb_grpc
+from router.server import RouterServer
+
+# Small pools and few seats, so the tests can fill them: RESOURCE_EXHAUSTED and queueing are reachable.
+TEST_SERVE = dict(model=DEFAULT_MODEL_DIR, dtype="float32", decode_tp=2, host="127.0.0.1", port=0,
+                  prefill_num_blocks=96, decode_num_blocks=96, max_num_seqs=4, max_queued_requests=3,
+                  max_model_len=512, queue_timeout_s=20.0, transfer_timeout_s=20.0, device="cpu")
+
+
+@dataclass
+class Served:
+    cfg: ServeConfig
+    placed: Placed
+    deployment: Deployment
+    router: RouterServer
+    loop: asyncio.AbstractEventLoop
+    target: str
+
+    def loads(self) -> list[wpb.WorkerLoad]:
+        """Every worker's load (prefill workers first)."""
+        out = []
+        for spec in self.placed.prefill + self.placed.decode:
+            with grpc.insecure_channel(spec.address) as ch:
+                stub = (wpb_grpc.PrefillWorkerStub(ch) if spec in self.placed.prefill
+                        else wpb_grpc.DecodeGroupStub(ch))
+                out.append(stub.GetLoad(wpb.LoadRequest(), timeout=10))
+        return out
+
+    def wait_all_free(self, timeout_s: float = 20.0) -> list[wpb.WorkerLoad]:
+        """Wait until no worker holds a request or a block; returns the loads (fails the test on timeout)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            loads = self.loads()
+            if all(x.free_blocks == x.num_blocks and x.running == 0 and x.waiting == 0 for x in loads):
+                return loads
+            if time.monotonic() > deadline:
+                raise AssertionError(f"blocks or requests still held: {[str(x) for x in loads]}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.router.stop(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.deployment.stop()
+
+
+def start_serving(**overrides) -> Served:
+    cfg = ServeConfig(**{**TEST_SERVE, **overrides})
+    deployment = Deployment(cfg)
+    placed = deployment.start()
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True, name="test-router").start()
+    router = RouterServer(cfg.router_config(), placed.prefill_config.model, placed.prefill, placed.decode)
+    try:
+        port = asyncio.run_coroutine_threadsafe(router.start(cfg.max_model_len or 512, 300), loop).result(320)
+    except BaseException:
+        deployment.stop()
+        raise
+    return Served(cfg, placed, deployment, router, loop, f"127.0.0.1:{port}")
