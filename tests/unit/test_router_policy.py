@@ -51,7 +51,7 @@ def test_cache_aware_prefers_longest_prefix_then_load():
     ws[0].inflight = 4  # a is now 4 busier than b: balance wins over the cached prefix
     assert pol.pick_prefill(ws, {"a": 3}).name == "b"
     ws[1].healthy = False
-    assert pol.pick_prefill(ws, {"a": 3}).name == "c"
+    assert pol.pick_prefill(ws, {"a": 3}).name == "a"  # now only 3 busier than c, the least loaded
     for w in ws:
         w.healthy = False
     assert pol.pick_prefill(ws, {"a": 3}) is None
