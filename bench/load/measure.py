@@ -28,7 +28,11 @@ async def measure_request(client: Any, spec: RequestSpec, index: int, run_t0: fl
     start = time.perf_counter()
     rec = RequestRecord(index=index, start_s=start - run_t0, prompt_len=spec.prompt_len, output_len=spec.output_len,
                         group=spec.group)
-    stream = client.stream(spec.prompt, timeout=timeout, max_tokens=spec.output_len, **sampling)
+    try:
+        stream = client.stream(spec.prompt, timeout=timeout, max_tokens=spec.output_len, **sampling)
+    except Exception as e:  # the SDK refused the request before sending it (e.g. a bad parameter)
+        rec.error_code, rec.error_details, rec.end_s = error_code(e), str(e), time.perf_counter() - start
+        return rec
     try:
         async for chunk in stream:
             if chunk.token_ids:  # a chunk may carry only text held back from an earlier token: not a token arrival

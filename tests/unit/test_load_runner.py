@@ -49,6 +49,8 @@ class FakeClient:
 
     def stream(self, prompt, *, timeout=None, **sampling):
         self.calls.append(dict(prompt=prompt, timeout=timeout, **sampling))
+        if sampling["max_tokens"] > 100:  # as the SDK does for a parameter it rejects before sending
+            raise ValueError("max_tokens too large")
         return FakeStream(self, prompt, sampling)
 
 
@@ -127,6 +129,13 @@ def test_errors_are_recorded_by_code_and_chunks_of_several_tokens_count_fully():
     assert all(r.error_code == "RESOURCE_EXHAUSTED" for r in res.records if not r.ok)
     ok = [r for r in res.records if r.ok]
     assert all(r.output_tokens == 6 and r.chunk_tokens == [4, 2] for r in ok)
+
+
+def test_a_request_the_sdk_rejects_before_sending_is_a_counted_failure():
+    w = RandomWorkload(LengthDist(8), LengthDist(101), LIMITS, seed=0)
+    res = asyncio.run(run_load(FakeClient(), w, LoadConfig(concurrency=1, num_requests=2), SamplingConfig(),
+                               RunOptions(progress=False)))
+    assert [(r.ok, r.error_code) for r in res.records] == [(False, "CLIENT_ValueError")] * 2
 
 
 def test_error_code_of_sdk_and_other_exceptions():
