@@ -18,6 +18,9 @@ from bench.load.config import (
 )
 from bench.load.lengths import LengthDist
 
+DESCRIPTION = ("Load-test a running kvrelay endpoint through the client SDK: TTFT, TPOT, inter-token and end-to-end "
+               "latency, throughput, prefix-cache hit rate and goodput under SLOs; errors counted by status. "
+               "Definitions: docs/load-testing.md.")
 EXAMPLES = """examples:
   kvrelay bench --rate 4 --num-requests 200 --input-len 512 --input-len-range 0.25 --output-len 128 --ignore-eos
   kvrelay bench --concurrency 16 --duration 60 --num-prefixes 8 --questions-per-prefix 32 --prefix-len 1024
@@ -27,49 +30,57 @@ EXAMPLES = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kvrelay bench", description=__doc__, epilog=EXAMPLES,
+    p = argparse.ArgumentParser(prog="kvrelay bench", description=DESCRIPTION, epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", default="localhost:50051", help="the kvrelay endpoint, host:port")
+    p.add_argument("--target", metavar="HOST:PORT", default="localhost:50051", help="the kvrelay endpoint, host:port")
     g = p.add_argument_group("load (open loop: --rate; closed loop: --concurrency)")
-    g.add_argument("--rate", type=float, help="open loop: requests per second (inf = all at once); with --sweep, "
-                   "the first rate tried (default 1)")
-    g.add_argument("--burstiness", type=float, default=1.0,
+    g.add_argument("--rate", type=float, metavar="R",
+                   help="open loop: requests per second (inf = all at once); with --sweep, the first rate tried "
+                   "(default 1)")
+    g.add_argument("--burstiness", type=float, metavar="B", default=1.0,
                    help="gamma shape of inter-arrival gaps: 1 = Poisson, < 1 burstier, > 1 more regular")
-    g.add_argument("--concurrency", type=int, help="closed loop: requests kept in flight (with --rate: a cap)")
-    g.add_argument("--num-requests", type=int, help="measured requests (default 100; shared-prefix: N x M)")
-    g.add_argument("--duration", type=float, help="stop sending after this many seconds")
-    g.add_argument("--warmup", type=int, default=0, help="unmeasured requests sent first")
-    g.add_argument("--timeout", type=float, help="per-request deadline in seconds")
+    g.add_argument("--concurrency", type=int, metavar="N",
+                   help="closed loop: requests kept in flight (with --rate: a cap)")
+    g.add_argument("--num-requests", type=int, metavar="N",
+                   help="measured requests (default 100; shared-prefix: N x M)")
+    g.add_argument("--duration", type=float, metavar="S", help="stop sending after this many seconds")
+    g.add_argument("--warmup", type=int, metavar="N", default=0, help="unmeasured requests sent first")
+    g.add_argument("--timeout", type=float, metavar="S", help="per-request deadline in seconds")
     g = p.add_argument_group("workload (random by default; shared-prefix with --num-prefixes; "
                              "ShareGPT with --dataset)")
-    g.add_argument("--input-len", type=int, default=128, help="prompt (shared-prefix: question) tokens")
-    g.add_argument("--input-len-range", type=float, default=0.0, help="uniform in len*(1 +- R)")
-    g.add_argument("--input-len-std", type=float, default=0.0, help="normal with this std")
-    g.add_argument("--output-len", type=int, help=f"max tokens to generate (default {DEFAULT_OUTPUT_LEN}; "
+    g.add_argument("--input-len", type=int, metavar="N", default=128, help="prompt (shared-prefix: question) tokens")
+    g.add_argument("--input-len-range", type=float, metavar="R", default=0.0, help="uniform in len*(1 +- R)")
+    g.add_argument("--input-len-std", type=float, metavar="S", default=0.0, help="normal with this std")
+    g.add_argument("--output-len", type=int, metavar="N", help=f"max tokens to generate (default {DEFAULT_OUTPUT_LEN}; "
                    "ShareGPT: each answer's length)")
-    g.add_argument("--output-len-range", type=float, default=0.0, help="uniform in len*(1 +- R)")
-    g.add_argument("--output-len-std", type=float, default=0.0, help="normal with this std")
-    g.add_argument("--num-prefixes", type=int, help="shared-prefix: number of system prompts")
-    g.add_argument("--questions-per-prefix", type=int, help="shared-prefix: questions per system prompt (default 8)")
-    g.add_argument("--prefix-len", type=int, help="shared-prefix: system prompt tokens (default 256)")
-    g.add_argument("--dataset", help="ShareGPT-format JSON file (text prompts: the model needs a tokenizer)")
-    g.add_argument("--tokenizer", help="the served model's tokenizer.json (or its directory) to count ShareGPT "
-                   "answer tokens")
-    g.add_argument("--seed", type=int, default=0, help="makes prompts, lengths and arrivals reproducible")
+    g.add_argument("--output-len-range", type=float, metavar="R", default=0.0, help="uniform in len*(1 +- R)")
+    g.add_argument("--output-len-std", type=float, metavar="S", default=0.0, help="normal with this std")
+    g.add_argument("--num-prefixes", type=int, metavar="N", help="shared-prefix: number of system prompts")
+    g.add_argument("--questions-per-prefix", type=int, metavar="M",
+                   help="shared-prefix: questions per system prompt (default 8)")
+    g.add_argument("--prefix-len", type=int, metavar="L", help="shared-prefix: system prompt tokens (default 256)")
+    g.add_argument("--dataset", metavar="FILE",
+                   help="ShareGPT-format JSON file (text prompts: the model needs a tokenizer)")
+    g.add_argument("--tokenizer", metavar="PATH",
+                   help="the served model's tokenizer.json (or its directory) to count ShareGPT answer tokens")
+    g.add_argument("--seed", type=int, metavar="N", default=0, help="makes prompts, lengths and arrivals reproducible")
     g = p.add_argument_group("sampling")
     g.add_argument("--ignore-eos", action="store_true", help="generate exactly the output length")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--temperature", type=float, metavar="T", default=0.0, help="0 = greedy (default)")
     g = p.add_argument_group("SLOs and goodput (a request is good when every bound given holds)")
-    g.add_argument("--slo-ttft-ms", type=float, help="time to first token bound")
-    g.add_argument("--slo-tpot-ms", type=float, help="time per output token bound")
+    g.add_argument("--slo-ttft-ms", type=float, metavar="MS", help="time to first token bound")
+    g.add_argument("--slo-tpot-ms", type=float, metavar="MS", help="time per output token bound")
     g = p.add_argument_group("rate sweep")
     g.add_argument("--sweep", action="store_true", help="find the highest rate meeting the SLOs at --attainment")
-    g.add_argument("--attainment", type=float, default=0.9, help="fraction of requests that must meet the SLOs")
-    g.add_argument("--sweep-tolerance", type=float, default=0.1, help="stop when the bracket is this tight (relative)")
-    g.add_argument("--sweep-max-points", type=int, default=12, help="at most this many runs")
-    g.add_argument("--sweep-max-rate", type=float, default=10000.0, help="never try a higher rate")
+    g.add_argument("--attainment", type=float, metavar="A", default=0.9,
+                   help="fraction of requests that must meet the SLOs")
+    g.add_argument("--sweep-tolerance", type=float, metavar="T", default=0.1,
+                   help="stop when the bracket is this tight (relative)")
+    g.add_argument("--sweep-max-points", type=int, metavar="K", default=12, help="at most this many runs")
+    g.add_argument("--sweep-max-rate", type=float, metavar="R", default=10000.0, help="never try a higher rate")
     g = p.add_argument_group("output")
-    g.add_argument("--out", help="write full results (config, metrics, per-request records, errors) as JSON here")
+    g.add_argument("--out", metavar="FILE",
+                   help="write full results (config, metrics, per-request records, errors) as JSON here")
     g.add_argument("--plot", metavar="DIR", help="write latency CDFs and throughput over time as PNG (matplotlib)")
     g.add_argument("--quiet", action="store_true", help="no progress bar or notes on stderr")
     return p
