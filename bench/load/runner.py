@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,8 @@ from bench.load.measure import measure_request
 from bench.load.progress import Progress
 from bench.load.records import RequestRecord
 from bench.load.workloads import Workload
+
+SendFn = Callable[[int], Awaitable[RequestRecord]]  # sends the i-th measured request, returns its record
 
 
 @dataclass
@@ -74,7 +77,7 @@ def _more(i: int, elapsed: float, load: LoadConfig) -> bool:
     return load.duration is None or elapsed < load.duration
 
 
-async def _open_loop(one: Any, load: LoadConfig, opts: RunOptions, t0: float) -> list[RequestRecord]:
+async def _open_loop(one: SendFn, load: LoadConfig, opts: RunOptions, t0: float) -> list[RequestRecord]:
     assert load.rate is not None
     # An optional cap on requests in flight (vLLM's --max-concurrency): a request waiting for a slot is sent, and
     # timed, when it gets one.
@@ -99,7 +102,7 @@ async def _open_loop(one: Any, load: LoadConfig, opts: RunOptions, t0: float) ->
     return list(await asyncio.gather(*tasks))
 
 
-async def _closed_loop(one: Any, load: LoadConfig, t0: float) -> list[RequestRecord]:
+async def _closed_loop(one: SendFn, load: LoadConfig, t0: float) -> list[RequestRecord]:
     assert load.concurrency is not None
     counter = itertools.count()
     records: list[RequestRecord] = []
