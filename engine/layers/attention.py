@@ -6,8 +6,8 @@ turns that into `slot_mapping`. Cached K/V are never rewritten: each step only a
 
 The backend here is portable torch (CPU and CUDA): fresh prefills run causal SDPA on the new K/V directly; any
 batch that reads cached KV (decode, chunked prefill, prefix hits) gathers each sequence's blocks into a padded
-[num_seqs, max_blocks * block_size] view and runs one masked SDPA. A fused paged kernel can replace
-`paged_attention` for GPU decode without touching anything else.
+[num_seqs, max_blocks * block_size] view and runs one masked SDPA. Pure-decode steps on CUDA (metadata
+`paged_decode`) use the Triton kernels of `triton_paged_attention` instead, which read the blocks in place.
 """
 
 from __future__ import annotations
@@ -90,6 +90,15 @@ class Attention(nn.Module):
         # q: [T, H, D]; k, v: [T, Hkv, D] -> [T, H * D]
         meta = get_attention_metadata()
         d = self.head_dim
+        if meta.paged_decode:
+            from engine.layers import triton_paged_attention as tpa  # CUDA only: triton may be absent elsewhere
+
+            tpa.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+            if meta.on_layer_kv_written is not None:
+                meta.on_layer_kv_written(self.layer_idx)
+            out = tpa.paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens,
+                                             self.scale, self.sliding_window)
+            return out.reshape(q.shape[0], self.num_heads * d)
         self.k_cache.view(-1, self.num_kv_heads, d)[meta.slot_mapping] = k
         self.v_cache.view(-1, self.num_kv_heads, d)[meta.slot_mapping] = v
         if meta.on_layer_kv_written is not None:

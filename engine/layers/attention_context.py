@@ -31,10 +31,24 @@ class AttentionMetadata:
     query_pad_index: torch.Tensor  # [num_tokens] int64: flat token -> b * max_query_len + i
     max_query_len: int
     all_fresh_prefill: bool  # every sequence starts at position 0 (no cached KV is read)
+    # Pure decode on CUDA: one token per sequence, K/V written and read by the Triton kernels. Then only
+    # slot_mapping (-1 = padding row), seq_lens (0 = padding row) and block_tables are used: all of them device
+    # tensors of a fixed shape, so the step can be replayed as a CUDA graph.
+    paged_decode: bool = False
     # Called after layer i has written this step's KV: kv_transfer sends layer i while layer i+1 computes.
     on_layer_kv_written: Callable[[int], None] | None = None
     # Memo of masks per sliding window, built on first use by a layer and shared by the rest.
     masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+
+
+    @classmethod
+    def for_decode(cls, slot_mapping: torch.Tensor, seq_lens: torch.Tensor,
+                   block_tables: torch.Tensor) -> AttentionMetadata:
+        """Metadata of a pure-decode step for the Triton kernels (no host copies: they would be stale in a graph)."""
+        empty = slot_mapping.new_empty(0)
+        return cls(slot_mapping=slot_mapping, query_start=[], seq_lens_host=[], seq_lens=seq_lens,
+                   block_tables=block_tables, query_positions=empty, query_pad_index=empty, max_query_len=1,
+                   all_fresh_prefill=False, paged_decode=True)
 
 
 _CURRENT: AttentionMetadata | None = None
