@@ -3,16 +3,24 @@
 It is the only place that touches both scheduling data and tensors. Per step it builds flat token ids, positions,
 the slot mapping (where each new K/V goes) and the attention metadata, runs the model inside the attention
 context, computes logits only for rows that sample, and synchronises with the host once to read the tokens.
+
+On CUDA, pure-decode steps (one new token per sequence) take a fast path: the Triton paged-attention kernels,
+replayed as a CUDA graph of the padded batch when the step needs no per-layer hook. Environment switches (read
+once per runner): KVRELAY_ENFORCE_EAGER=1 disables the graphs, KVRELAY_DECODE_KERNEL=0 the Triton decode path (and
+with it the graphs). CPU, prefill and mixed steps always run the portable torch path.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from engine.config import CacheConfig, ModelConfig, SchedulerConfig
+from engine.cuda_graphs import DecodeGraphs
+from engine.decode_inputs import LENGTH, POSITION, SLOT, TOKEN, is_pure_decode, prepare_decode
 from engine.distributed.parallel_state import get_tp
 from engine.layers.attention import Attention
 from engine.layers.attention_context import AttentionMetadata, attention_context
@@ -21,6 +29,12 @@ from engine.sampler import Sampler
 from engine.scheduler import SchedulerOutput
 
 CPU_DEFAULT_KV_BYTES = 1 << 30  # with no budget given on CPU: 1 GiB of KV
+MAX_GRAPH_BATCH = 512  # larger decode batches run the Triton path eagerly (launch overhead is small next to them)
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    return default if value is None else value.strip().lower() not in ("0", "false", "no", "")
 
 
 @dataclass
@@ -36,7 +50,10 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model: ModelConfig, cache: CacheConfig, sched: SchedulerConfig, device: str = "cpu",
-                 load_format: str = "auto") -> None:
+                 load_format: str = "auto", enforce_eager: bool | None = None,
+                 decode_kernel: bool | None = None) -> None:
+        """`enforce_eager` / `decode_kernel` default to the KVRELAY_ENFORCE_EAGER / KVRELAY_DECODE_KERNEL
+        switches; both only matter on CUDA."""
         self.model_config, self.cache_config, self.sched_config = model, cache, sched
         self.device = torch.device(device)
         if self.device.type == "cuda":
@@ -49,6 +66,13 @@ class ModelRunner:
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.sampler = Sampler(self.device)
         self.num_blocks = 0  # set by allocate_kv_cache (tensor-parallel ranks first agree on the count)
+        cuda = self.device.type == "cuda"
+        self.decode_kernel = cuda and (decode_kernel if decode_kernel is not None
+                                       else _env_flag("KVRELAY_DECODE_KERNEL", True))
+        eager = enforce_eager if enforce_eager is not None else _env_flag("KVRELAY_ENFORCE_EAGER", False)
+        # Graphs with TP > 1 would capture NCCL all-reduces; not yet verified on several GPUs, so TP ranks run eager.
+        self.use_graphs = self.decode_kernel and not eager and get_tp().size == 1
+        self.graphs: DecodeGraphs | None = None  # captured by allocate_kv_cache
 
     def allocate_kv_cache(self, num_blocks: int | None = None) -> int:
         """Allocate `num_blocks` blocks (default: what this rank's budget allows); returns the count."""
@@ -59,6 +83,11 @@ class ModelRunner:
                                     a.head_dim, dtype=self.dtype, device=self.device)
         for i, layer in enumerate(self.attn_layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+        if self.use_graphs:
+            max_blocks = -(-self.sched_config.max_model_len // self.block_size)
+            self.graphs = DecodeGraphs(self.model, min(self.sched_config.max_num_seqs, MAX_GRAPH_BATCH), max_blocks,
+                                       self.device)
+            self.graphs.capture()
         return self.num_blocks
 
     # ---- KV memory ----------------------------------------------------------------------------------------
@@ -143,28 +172,50 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, extension: Any = None) -> StepResult:
         """Run one step; `extension` (a worker extension) sees the step's start, each layer's KV, its end."""
-        input_ids, positions, meta = self._prepare(out)
+        decode = self.decode_kernel and is_pure_decode(out.seqs)
+        # A graph cannot call back into Python per layer. Only steps that send KV (a ScheduledSeq carrying
+        # `transfer`) need the per-layer hook (kv_transfer's on_layer does nothing in other steps), so only
+        # those run eagerly when an extension is present.
+        hooks = extension is not None and any(s.transfer is not None for s in out.seqs)
+        graph = decode and self.graphs is not None and not hooks and len(out.seqs) <= self.graphs.max_batch
+        if graph:
+            inputs = prepare_decode(out.seqs, self.block_size, self.graphs.bucket_for(len(out.seqs)))
+        elif decode:
+            inputs = prepare_decode(out.seqs, self.block_size, len(out.seqs))
+            packed = inputs.packed.to(self.device, non_blocking=True)
+            input_ids, positions = packed[TOKEN], packed[POSITION]
+            meta = AttentionMetadata.for_decode(packed[SLOT], packed[LENGTH],
+                                                inputs.block_tables.to(self.device, non_blocking=True))
+        else:
+            input_ids, positions, meta = self._prepare(out)
         if extension is not None:
             extension.begin_step(out)
-            meta.on_layer_kv_written = extension.on_layer
         try:
-            with attention_context(meta):
-                hidden = self.model(input_ids, positions)  # [num_tokens, hidden]
+            if graph:
+                hidden = self.graphs.run(inputs)  # [num_seqs, hidden]
+            else:
+                if extension is not None:
+                    meta.on_layer_kv_written = extension.on_layer
+                with attention_context(meta):
+                    hidden = self.model(input_ids, positions)  # [num_tokens, hidden]
         except BaseException:
             if extension is not None:
                 extension.abort_step(out)  # e.g. a half-sent step: its channels must not be reused as is
             raise
         events = [extension.end_step(out)] if extension is not None else []
-        result = self._sample(out, meta, hidden)
+        # Row of each sequence's last token in `hidden` (pure decode: row b is sequence b).
+        ends = list(range(len(out.seqs))) if decode else [e - 1 for e in meta.query_start[1:]]
+        result = self._sample(out, ends, hidden)
         result.ext_events = events
         return result
 
-    def _sample(self, out: SchedulerOutput, meta: AttentionMetadata, hidden: torch.Tensor) -> StepResult:
+    def _sample(self, out: SchedulerOutput, ends: list[int], hidden: torch.Tensor) -> StepResult:
         rows = [b for b, s in enumerate(out.seqs) if s.sample]
         if not rows:
             return StepResult({}, {})
-        last = torch.tensor([meta.query_start[b + 1] - 1 for b in rows]).to(self.device, non_blocking=True)
-        logits = self.model.compute_logits(hidden[last])  # [num_sampled, vocab]
+        if len(rows) < hidden.shape[0]:  # otherwise every row is a sequence's last token, in order
+            hidden = hidden[torch.tensor([ends[b] for b in rows]).to(self.device, non_blocking=True)]
+        logits = self.model.compute_logits(hidden)  # [num_sampled, vocab]
         if get_tp().rank != 0:
             return StepResult({}, {})  # only rank 0 samples; other ranks just took part in the collectives
         seqs = [out.seqs[b] for b in rows]
