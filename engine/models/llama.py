@@ -13,6 +13,7 @@ from torch import nn
 from engine.config import ModelConfig
 from engine.layers.attention import Attention
 from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from engine.layers.fused_ops import fused_kernels
 from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
@@ -46,7 +47,10 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, intermediate / tp] each
+        gate_up = self.gate_up_proj(x)  # [T, 2 * intermediate / tp]: gate then up
+        if (fused := fused_kernels(gate_up)) is not None:
+            return self.down_proj(fused.silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)  # [T, intermediate / tp] each
         return self.down_proj(F.silu(gate) * up)
 
 

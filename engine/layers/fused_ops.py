@@ -1,0 +1,20 @@
+"""Whether a layer may use the fused Triton kernels of `triton_fused` for a tensor: on CUDA, unless the environment
+sets KVRELAY_FUSED_OPS=0 (read once, at import). Keeps triton out of CPU processes: it is imported on first use."""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import torch
+
+ENABLED = os.environ.get("KVRELAY_FUSED_OPS", "1").strip().lower() not in ("0", "false", "no")
+
+
+def fused_kernels(x: torch.Tensor) -> ModuleType | None:
+    """The `triton_fused` module when `x` lives on CUDA and fusion is enabled, else None (use the torch code)."""
+    if not (ENABLED and x.is_cuda):
+        return None
+    from engine.layers import triton_fused
+
+    return triton_fused

@@ -1,0 +1,83 @@
+"""The fused Triton element-wise kernels against the torch layers they replace (computed on the CPU).
+
+Runs on CUDA; without a GPU, float32 cases run in Triton's interpreter when triton is installed and
+TRITON_INTERPRET=1, otherwise everything is skipped.
+"""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from engine.config import RopeConfig
+from engine.layers.norm import RMSNorm
+from engine.layers.rotary import RotaryEmbedding
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+if torch.cuda.is_available():
+    DEVICE = "cuda"
+elif HAVE_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
+    DEVICE = "cpu"
+else:
+    DEVICE = None
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE is None or not HAVE_TRITON,
+                                                  reason="needs CUDA and triton (or TRITON_INTERPRET=1)")]
+DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    DEVICE == "cpu", reason="the interpreter truncates float32 to bfloat16; GPUs round to nearest"))]
+
+
+def close(out, ref):
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    if ref.dtype == torch.float32:
+        torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-6)
+    else:  # same roundings as torch; a float32 reduction order may move a value by one bf16 step
+        torch.testing.assert_close(out.cpu().float(), ref.float(), rtol=8e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden,residual", [(64, False), (2048, True), (4096, True), (80, True)])
+def test_rms_norm(dtype, hidden, residual):
+    from engine.layers.triton_fused import rms_norm
+
+    g = torch.Generator().manual_seed(hidden)
+    x = (torch.randn(5, hidden, generator=g) * 3).to(dtype)
+    res = torch.randn(5, hidden, generator=g).to(dtype) if residual else None
+    norm = RMSNorm(hidden, 1e-5).to(dtype)
+    norm.weight.copy_(torch.rand(hidden, generator=g) + 0.5)
+    ref_out, ref_res = norm(x, res)  # CPU: the torch code
+    out, new_res = rms_norm(x.to(DEVICE), res.to(DEVICE) if residual else None, norm.weight.to(DEVICE), 1e-5)
+    close(out, ref_out)
+    close(new_res, ref_res)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 16), (32, 8, 128), (12, 4, 80), (3, 1, 64)])
+def test_rope_on_strided_q_and_k(dtype, heads, kv_heads, head_dim):
+    from engine.layers.triton_fused import rope
+
+    g = torch.Generator().manual_seed(heads)
+    rot = RotaryEmbedding(head_dim, RopeConfig(theta=500000.0, kind="llama3", factor=8.0), 4096)
+    t = 7
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * head_dim, generator=g).to(dtype)  # as the QKV projection
+    q = qkv[:, :heads * head_dim].view(t, heads, head_dim)
+    k = qkv[:, heads * head_dim:(heads + kv_heads) * head_dim].view(t, kv_heads, head_dim)
+    pos = torch.tensor([0, 1, 5, 17, 1000, 4095, 3])
+    ref_q, ref_k = rot(pos, q, k)
+    qkv_d = qkv.to(DEVICE)
+    out_q, out_k = rope(pos.to(DEVICE), qkv_d[:, :heads * head_dim].view(t, heads, head_dim),
+                        qkv_d[:, heads * head_dim:(heads + kv_heads) * head_dim].view(t, kv_heads, head_dim),
+                        rot.cos.to(DEVICE), rot.sin.to(DEVICE))
+    close(out_q, ref_q)
+    close(out_k, ref_k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [128, 8192, 1000])
+def test_silu_and_mul(dtype, n):
+    from engine.layers.triton_fused import silu_and_mul
+
+    x = (torch.randn(3, 2 * n, generator=torch.Generator().manual_seed(n)) * 4).to(dtype)
+    gate, up = x.chunk(2, dim=-1)
+    close(silu_and_mul(x.to(DEVICE)), torch.nn.functional.silu(gate) * up)
