@@ -59,12 +59,17 @@ def _target(model: nn.Module, name: str) -> tuple[str, object]:
 def _fill_dummy(model: nn.Module, seed: int = 0) -> None:
     """Random weights for benchmarks (`load_format="dummy"`): N(0, 0.02) matrices, unit norms, no I/O."""
     g = torch.Generator(device="cpu").manual_seed(seed)
+    dev_gens: dict[torch.device, torch.Generator] = {}
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
-            else:
+            elif p.device.type == "cpu":
                 p.copy_((torch.randn(p.shape, generator=g) * 0.02).to(p.dtype))
+            else:  # billions of values: drawn on the device in a second rather than on the host in minutes
+                if p.device not in dev_gens:
+                    dev_gens[p.device] = torch.Generator(device=p.device).manual_seed(seed)
+                p.copy_(torch.randn(p.shape, generator=dev_gens[p.device], device=p.device) * 0.02)
 
 
 def load_model(cfg: ModelConfig, device: torch.device, max_positions: int, load_format: str = "auto") -> nn.Module:
