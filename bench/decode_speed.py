@@ -1,151 +1,192 @@
-"""Decode speed of the single-process engine vs HuggingFace `generate` and the HBM roofline, on one GPU.
+"""Decode speed of the single-process engine vs HuggingFace `generate` and the HBM roofline.
 
-    python -m bench.decode_speed --shape llama-3.2-1b --batch 1 16 64 --out results/decode.json
+    python -m bench.decode_speed --shape llama-3.2-1b llama-3.1-8b --batch 1 8 64 256 --out results/decode.json
+    python -m bench.decode_speed --device cpu --shape tiny --batch 1 2 --prompt-len 8 --gen 4   # dry run
 
-Random bfloat16 weights of a real model's shape. For each batch size: `batch` prompts of --prompt-len tokens,
---gen new tokens each (ignore EOS). Decode time excludes the prefill step. The roofline is
-(weight bytes + KV bytes read per step) / copy bandwidth, the bandwidth measured in the same run.
+Random weights of a real model's shape (bfloat16 on GPU). For each batch size: `batch` prompts of --prompt-len
+tokens, --gen new tokens each (EOS ignored); decode time excludes the prefill step. Our engine runs in up to three
+modes on the same weights: `graph` (Triton paged attention replayed as CUDA graphs: the default on GPU), `triton`
+(the same kernels launched eagerly) and `torch` (the portable path: gathered blocks + SDPA, eager). The roofline
+is (weight bytes + KV bytes read per step) / copy bandwidth, the bandwidth measured in the same run; HF `generate`
+(greedy, batched, same prompts) runs in the same process after our engine is freed, for at most --hf-gen tokens.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
 import tempfile
 import time
+from collections.abc import Iterator
 
 import torch
 
-SHAPES = {
-    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
-    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
-}
+from bench.bench_models import (
+    DTYPES,
+    SHAPES,
+    copy_bandwidth,
+    decode_weight_bytes,
+    free,
+    hf_model,
+    kv_bytes_per_token,
+    sync,
+    write_config,
+)
+
+MODES = ("graph", "triton", "torch")
 
 
-def sync() -> None:
-    torch.cuda.synchronize()
+@contextlib.contextmanager
+def engine_mode(llm, mode: str) -> Iterator[None]:
+    """Switch the runner's decode path for a measurement (benchmark-only reach into the runner)."""
+    r = llm.engine.executor.runner
+    saved = r.graphs, r.decode_kernel
+    if mode == "triton":
+        r.graphs = None
+    elif mode == "torch":
+        r.graphs, r.decode_kernel = None, False
+    elif mode == "graph" and r.graphs is None:
+        raise RuntimeError("mode 'graph' needs CUDA graphs (unset KVRELAY_ENFORCE_EAGER)")
+    try:
+        yield
+    finally:
+        r.graphs, r.decode_kernel = saved
 
 
-def copy_bandwidth(gib: float = 2.0) -> float:
-    """Device-to-device copy, bytes read + written per second."""
-    n = int(gib * 2**30) // 2
-    a = torch.empty(n, dtype=torch.bfloat16, device="cuda")
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    sync()
-    t = time.perf_counter()
-    for _ in range(10):
-        b.copy_(a)
-    sync()
-    return 2 * a.numel() * 2 * 10 / (time.perf_counter() - t)
-
-
-def make_model_dir(shape: str, path: str) -> int:
-    import transformers
-
-    cfg = transformers.LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, rope_theta=500000.0,
-                                   bos_token_id=1, eos_token_id=2)
-    with torch.device("cuda"):
-        model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
-    model.save_pretrained(path)
-    n = sum(p.numel() * p.element_size() for p in model.parameters())
-    del model
-    torch.cuda.empty_cache()
-    return n
-
-
-def time_ours(llm, prompts, gen: int) -> tuple[float, float]:
+def time_ours(llm, prompts: list[list[int]], gen: int, device: str) -> tuple[float, float]:
+    """(prefill seconds, seconds per decode step)."""
     from engine import SamplingParams
 
     eng = llm.engine
     p = SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True)
     for i, pr in enumerate(prompts):
         eng.add_request(f"r{i}", pr, p)
-    sync()
+    sync(device)
     t0 = time.perf_counter()
-    eng.step()  # the whole batch's prefill fits one step (budget >= batch * prompt_len)
-    sync()
+    eng.step()  # the batch's whole prefill: the token budget covers it
+    sync(device)
     t1 = time.perf_counter()
     steps = 0
     while eng.has_unfinished_requests():
         eng.step()
         steps += 1
-    sync()
+    sync(device)
+    if steps != gen - 1:
+        raise RuntimeError(f"expected {gen - 1} decode steps after one prefill step, ran {steps}")
     return t1 - t0, (time.perf_counter() - t1) / max(steps, 1)
 
 
-def time_hf(model, prompts, gen: int) -> float:
-    ids = torch.tensor(prompts, device="cuda")
+def time_hf(model, prompts: list[list[int]], gen: int, device: str) -> float:
+    """Seconds per decode step of HF generate: (time for gen tokens - time for 1 token) / (gen - 1)."""
+    ids = torch.tensor(prompts, device=device)
     kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, eos_token_id=None)
+
+    def run(n: int) -> float:
+        sync(device)
+        t = time.perf_counter()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        sync(device)
+        return time.perf_counter() - t
+
     with torch.no_grad():
-        model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kw)
-        sync()
-        t = time.perf_counter()
-        model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
-        sync()
-        prefill = time.perf_counter() - t
-        t = time.perf_counter()
-        model.generate(ids, max_new_tokens=gen, min_new_tokens=gen, **kw)
-        sync()
-        return (time.perf_counter() - t - prefill) / (gen - 1)
+        run(2)  # warm-up
+        return (run(gen) - run(1)) / (gen - 1)
+
+
+def bench_shape(args, shape: str, rng: random.Random, bw: float) -> list[dict]:
+    from engine import LLM
+
+    itemsize = DTYPES[args.dtype].itemsize
+    modes = [m for m in args.modes if args.device == "cuda" or m == "torch"]
+    max_b = max(args.batch)
+    max_len = args.prompt_len + args.gen + 16
+    kv_bytes = kv_bytes_per_token(shape, itemsize)
+    prompts = {b: [[rng.randrange(3, SHAPES[shape]["vocab_size"]) for _ in range(args.prompt_len)]
+                   for _ in range(b)] for b in args.batch}
+    ours: dict[tuple[str, int], tuple[float, float]] = {}
+    with tempfile.TemporaryDirectory() as d:
+        llm = LLM(write_config(d, shape, args.dtype), dtype=args.dtype, device=args.device, load_format="dummy",
+                  max_num_seqs=max_b, max_num_batched_tokens=max(2048, max_b * args.prompt_len),
+                  max_model_len=max_len, kv_cache_memory=int(1.2 * max_b * max_len * kv_bytes) + (64 << 20),
+                  enable_prefix_caching=False)
+        for b in args.batch:
+            for mode in modes:
+                with engine_mode(llm, mode):
+                    time_ours(llm, prompts[b], 3, args.device)  # warm-up at this batch (first graph replay)
+                    ours[mode, b] = time_ours(llm, prompts[b], args.gen, args.device)
+                print(f"{shape} batch {b} {mode}: {ours[mode, b][1] * 1e3:.2f} ms/step", flush=True)
+        llm.shutdown()
+        del llm
+    free(args.device)
+    hf_step: dict[int, float] = {}
+    hf_gen = min(args.gen, args.hf_gen)
+    if not args.no_hf:
+        hf = hf_model(shape, args.device, args.dtype)
+        for b in args.batch:
+            hf_step[b] = time_hf(hf, prompts[b], hf_gen, args.device)
+            print(f"{shape} batch {b} HF: {hf_step[b] * 1e3:.2f} ms/step", flush=True)
+        del hf
+        free(args.device)
+
+    weights = decode_weight_bytes(shape, itemsize)
+    rows = []
+    for b in args.batch:
+        avg_ctx = args.prompt_len + args.gen / 2  # context length averaged over the decode steps
+        roof = (weights + b * avg_ctx * kv_bytes) / bw
+        best = modes[0]
+        step = ours[best, b][1]
+        hf = hf_step.get(b, float("nan"))
+        rows.append(dict(
+            shape=shape, batch=b, mode=best, step_ms=step * 1e3, tok_s=b / step, tok_s_per_seq=1 / step,
+            prefill_ms=ours[best, b][0] * 1e3, modes_step_ms={m: ours[m, b][1] * 1e3 for m in modes},
+            hf_step_ms=hf * 1e3, hf_tok_s=b / hf, hf_gen=hf_gen, speedup_vs_hf=hf / step,
+            roofline_step_ms=roof * 1e3, frac_of_roofline=roof / step, weight_bytes=weights,
+            kv_bytes_per_step=b * avg_ctx * kv_bytes,
+        ))
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.2-1b")
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--shape", choices=sorted(SHAPES), nargs="+", default=["llama-3.2-1b", "llama-3.1-8b"])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64, 256])
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--gen", type=int, default=128)
+    ap.add_argument("--hf-gen", type=int, default=32, help="HF generates at most this many tokens per batch")
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="first one is reported")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on cuda, else float32")
     ap.add_argument("--no-hf", action="store_true", help="skip the HuggingFace baseline")
     ap.add_argument("--out", default="bench/results/decode_speed.json")
     args = ap.parse_args()
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    if args.gen < 2 or args.hf_gen < 2:
+        ap.error("--gen and --hf-gen must be at least 2 (decode steps are timed after the first token)")
 
-    import transformers
-
-    from engine import LLM
-
-    bw = copy_bandwidth()
-    rows = []
-    with tempfile.TemporaryDirectory() as d:
-        weight_bytes = make_model_dir(args.shape, d)
-        cfg = SHAPES[args.shape]
-        head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
-        kv_per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 2
-        max_b = max(args.batch)
-        llm = LLM(d, dtype="bfloat16", device="cuda", max_num_seqs=max_b, gpu_memory_utilization=0.5,
-                  max_num_batched_tokens=max(2048, max_b * args.prompt_len), max_model_len=4096)
-        hf = None if args.no_hf else transformers.AutoModelForCausalLM.from_pretrained(
-            d, dtype=torch.bfloat16).cuda().eval()
-        rng = random.Random(0)
-        for b in args.batch:
-            prompts = [[rng.randrange(3, 32000) for _ in range(args.prompt_len)] for _ in range(b)]
-            time_ours(llm, prompts[:1], 4)  # warm-up
-            prefill_s, step_s = time_ours(llm, prompts, args.gen)
-            hf_step = time_hf(hf, prompts, args.gen) if hf is not None else float("nan")
-            avg_ctx = args.prompt_len + args.gen / 2
-            roof_step = (weight_bytes + b * avg_ctx * kv_per_token) / bw
-            rows.append(dict(batch=b, ours_step_ms=step_s * 1e3, ours_tok_s=b / step_s,
-                             ours_tok_s_per_seq=1 / step_s, hf_step_ms=hf_step * 1e3, hf_tok_s=b / hf_step,
-                             roofline_step_ms=roof_step * 1e3, frac_of_roofline=roof_step / step_s,
-                             speedup_vs_hf=hf_step / step_s, prefill_ms=prefill_s * 1e3))
-    result = dict(shape=args.shape, device=torch.cuda.get_device_name(), copy_bandwidth_GBps=bw / 1e9,
-                  weight_bytes=weight_bytes, prompt_len=args.prompt_len, gen=args.gen, rows=rows,
-                  date=time.strftime("%Y-%m-%d"))
+    bw = copy_bandwidth(args.device, 2.0 if args.device == "cuda" else 0.125)
+    rng = random.Random(0)
+    rows = [r for shape in args.shape for r in bench_shape(args, shape, rng, bw)]
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    result = dict(device=device, dtype=args.dtype, copy_bandwidth_GBps=bw / 1e9, prompt_len=args.prompt_len,
+                  gen=args.gen, date=time.strftime("%Y-%m-%d"), torch=torch.__version__, rows=rows)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
-    print(f"\n{args.shape} bf16 on {result['device']}, copy bandwidth {bw / 1e9:.0f} GB/s, "
-          f"weights {weight_bytes / 2**30:.2f} GiB, prompt {args.prompt_len}, gen {args.gen}")
-    print(f"{'batch':>5} {'ours ms/step':>12} {'ours tok/s':>10} {'HF ms/step':>10} {'vs HF':>6} "
-          f"{'roof ms':>8} {'of roof':>7}")
+
+    print(f"\ndecode, {args.dtype} on {device}, copy bandwidth {bw / 1e9:.0f} GB/s, prompt {args.prompt_len}, "
+          f"gen {args.gen} (HF {min(args.gen, args.hf_gen)})")
+    others = [m for m in args.modes if m != rows[0]["mode"] and m in rows[0]["modes_step_ms"]]
+    print(f"{'shape':>12} {'batch':>5} {'ms/step':>8} {'tok/s':>7} {'tok/s/seq':>9} "
+          + "".join(f"{m + ' ms':>10}" for m in others)
+          + f" {'HF ms':>7} {'vs HF':>6} {'roof ms':>7} {'of roof':>7}")
     for r in rows:
-        print(f"{r['batch']:>5} {r['ours_step_ms']:>12.2f} {r['ours_tok_s']:>10.0f} {r['hf_step_ms']:>10.2f} "
-              f"{r['speedup_vs_hf']:>5.2f}x {r['roofline_step_ms']:>8.3f} {r['frac_of_roofline']:>6.1%}")
+        print(f"{r['shape']:>12} {r['batch']:>5} {r['step_ms']:>8.2f} {r['tok_s']:>7.0f} {r['tok_s_per_seq']:>9.1f} "
+              + "".join(f"{r['modes_step_ms'][m]:>10.2f}" for m in others)
+              + f" {r['hf_step_ms']:>7.2f} {r['speedup_vs_hf']:>5.2f}x {r['roofline_step_ms']:>7.3f} "
+              f"{r['frac_of_roofline']:>6.1%}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def test_kv_transfer_bench_dry_run(tmp_path):
     out = tmp_path / "kv.json"
@@ -15,3 +17,40 @@ def test_kv_transfer_bench_dry_run(tmp_path):
         assert r["kv_bytes"] == r["tokens"] * 2 * 4 * 2 * 32 * 4  # K+V, 4 layers, 2 KV heads, head_dim 32, fp32
         assert r["raw_ms"] > 0 and r["transfer_ms"] > 0 and r["prefill_ms"] > 0
         assert abs(r["overlap_ratio"] - r["prefill_transfer_ms"] / r["prefill_ms"]) < 1e-9
+
+
+def test_decode_speed_dry_run(tmp_path):
+    out = tmp_path / "decode.json"
+    subprocess.run([sys.executable, "-m", "bench.decode_speed", "--device", "cpu", "--shape", "tiny", "--batch", "1",
+                    "3", "--prompt-len", "8", "--gen", "4", "--out", str(out)], check=True, timeout=300)
+    res = json.loads(out.read_text())
+    assert [r["batch"] for r in res["rows"]] == [1, 3] and res["copy_bandwidth_GBps"] > 0
+    for r in res["rows"]:
+        assert r["mode"] == "torch" and list(r["modes_step_ms"]) == ["torch"]  # no Triton or graphs on CPU
+        assert r["tok_s"] == pytest.approx(r["batch"] * 1e3 / r["step_ms"])
+        assert r["hf_step_ms"] > 0 and r["speedup_vs_hf"] == pytest.approx(r["hf_step_ms"] / r["step_ms"])
+        # weights: 4 layers of (q, k, v, o, gate, up, down) + norms, final norm, LM head; fp32
+        weights = 4 * (128 * (4 + 2 * 2) * 32 + 128 * 128 + 3 * 128 * 256 + 2 * 128) + 128 + 512 * 128
+        assert r["weight_bytes"] == 4 * weights
+        kv = r["batch"] * (8 + 4 / 2) * (2 * 4 * 2 * 32 * 4)  # average context 10 tokens
+        assert r["kv_bytes_per_step"] == kv
+        roof_ms = (4 * weights + kv) / (res["copy_bandwidth_GBps"] * 1e9) * 1e3
+        assert r["roofline_step_ms"] == pytest.approx(roof_ms)
+        assert r["frac_of_roofline"] == pytest.approx(r["roofline_step_ms"] / r["step_ms"])
+
+
+def test_prefill_speed_dry_run(tmp_path):
+    out = tmp_path / "prefill.json"
+    subprocess.run([sys.executable, "-m", "bench.prefill_speed", "--device", "cpu", "--shape", "tiny", "--cases",
+                    "1x32", "2x16", "--reps", "1", "--out", str(out)], check=True, timeout=300)
+    res = json.loads(out.read_text())
+    assert [(r["batch"], r["prompt_len"]) for r in res["rows"]] == [(1, 32), (2, 16)]
+    layer = 128 * (4 + 2 * 2) * 32 + 128 * 128 + 3 * 128 * 256
+    for r in res["rows"]:
+        b, n = r["batch"], r["prompt_len"]
+        flops = 4 * (2 * layer * b * n + 4 * 4 * 32 * n * (n + 1) // 2 * b) + 2 * 512 * 128 * b
+        assert r["flops"] == flops and r["tokens"] == b * n
+        assert r["tflops"] == pytest.approx(flops / r["ms"] / 1e9)
+        assert r["roofline_ms"] == pytest.approx(flops / (res["matmul_tflops"] * 1e12) * 1e3)
+        assert r["frac_of_roofline"] == pytest.approx(r["roofline_ms"] / r["ms"])
+        assert r["hf_ms"] > 0 and r["speedup_vs_hf"] == pytest.approx(r["hf_ms"] / r["ms"])
