@@ -43,9 +43,13 @@ class DecodeLeader:
         self.server = AsyncServerThread(lambda s: add_to_server(s, service), bind_host, port, name)
         self.port = self.server.start()
         self.address = f"{advertise_host or bind_host}:{self.port}"
+        self.stopped = False
 
     def stop(self) -> None:
         """Stops serving, then the engine: rank 0 tells the followers to leave their loops."""
+        if self.stopped:
+            return
+        self.stopped = True
         self.server.stop()
         self.loop.stop()
 

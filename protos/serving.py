@@ -44,6 +44,9 @@ class AsyncServerThread:
         return fut.result(timeout_s)
 
     def stop(self, grace_s: float = 1.0) -> None:
+        """Stop serving (in-flight calls get `grace_s` to finish, then are cancelled). Idempotent."""
+        if not self.loop.is_running():
+            return
         if self._server is not None:
             self.run(self._server.stop(grace_s))
         self.loop.call_soon_threadsafe(self.loop.stop)

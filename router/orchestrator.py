@@ -10,6 +10,7 @@ cancel or deadline), the `finally` cancels the worker calls still open, which fr
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -24,8 +25,20 @@ from router.metrics import RouterMetrics
 from router.policy import RoutingPolicy
 from router.prefix_index import block_hashes
 from router.requests import RequestSpec
-from router.worker_api import DecodeClient, DecodeStream, Finished, PrefillClient, Reserved, Tokens, WorkerError
+from router.worker_api import (
+    DecodeClient,
+    DecodeStream,
+    Finished,
+    PrefillClient,
+    PrefillOutcome,
+    Reserved,
+    Tokens,
+    WorkerError,
+)
 from router.workers import Worker, WorkerPool
+
+log = logging.getLogger("kvrelay.router")
+PREFILL_ATTEMPTS = 2
 
 
 @dataclass
@@ -50,6 +63,7 @@ class Final:
 
 @dataclass
 class _Placement:
+    request_id: str  # the internal id this attempt used on both workers
     prefill: Worker
     decode: Worker
     stream: DecodeStream
@@ -103,7 +117,7 @@ class Orchestrator:
                 continue
             if isinstance(first, Reserved):
                 d.view.free_blocks = first.free_blocks
-                return _Placement(p, d, stream, events)
+                return _Placement(rid, p, d, stream, events)
             stream.cancel()
         return None
 
@@ -146,12 +160,9 @@ class Orchestrator:
                               0.0, ttft, 0.0)
             return
 
-        placement, queued_s = await self.room.acquire(lambda: self._reserve(rid, spec, hashes),
-                                                      self.config.queue_timeout_s)
-        p, d = placement.prefill, placement.decode
-        d.view.inflight += 1
+        placement, outcome, queued_s = await self._place_and_prefill(rid, spec, hashes)
+        rid, d = placement.request_id, placement.decode
         try:
-            outcome = await self._prefill(p, rid, spec, hashes, decode_group=d.name)
             ttft, landed = _ms(spec.arrival), 0.0
             if add(outcome.first_token, outcome.logprob):  # a stop string already: no decoding at all
                 if (c := chunk(True)) is not None:
@@ -196,7 +207,33 @@ class Orchestrator:
             d.view.inflight -= 1
             self.room.notify()
 
-    async def _prefill(self, p: Worker, rid: str, spec: RequestSpec, hashes: list[int], decode_group: str):
+    async def _place_and_prefill(self, rid: str, spec: RequestSpec,
+                                 hashes: list[int]) -> tuple[_Placement, PrefillOutcome, float]:
+        """Reserve on a decode group and prefill into it. A prefill that fails for want of its worker (it died,
+        or its transfer broke) is retried once on a fresh placement, the failed worker checked first so a dead
+        one is routed around: nothing has reached the client yet, so a retry is invisible to it."""
+        queued = 0.0
+        for attempt in range(PREFILL_ATTEMPTS):
+            arid = rid if attempt == 0 else f"{rid}.retry{attempt}"  # the old id may still be aborting
+            placement, waited = await self.room.acquire(lambda: self._reserve(arid, spec, hashes),  # noqa: B023
+                                                        self.config.queue_timeout_s)
+            queued += waited
+            placement.decode.view.inflight += 1
+            try:
+                outcome = await self._prefill(placement.prefill, arid, spec, hashes, placement.decode.name)
+                return placement, outcome, queued
+            except BaseException as e:
+                placement.stream.cancel()  # frees the reservation on the decode group
+                placement.decode.view.inflight -= 1
+                self.room.notify()
+                if not (isinstance(e, RequestError) and e.code == UNAVAILABLE) or attempt == PREFILL_ATTEMPTS - 1:
+                    raise
+                await self.pool.check(placement.prefill)
+                log.warning("request %s: %s; retrying", rid, e.message)
+        raise AssertionError("unreachable")
+
+    async def _prefill(self, p: Worker, rid: str, spec: RequestSpec, hashes: list[int],
+                       decode_group: str) -> PrefillOutcome:
         assert isinstance(p.client, PrefillClient) and p.index is not None
         p.index.insert(hashes)
         p.view.inflight += 1

@@ -105,6 +105,10 @@ class WorkerPool:
             await asyncio.gather(*(self._poll(w) for w in self.all))
             await asyncio.sleep(self.poll_interval_s)
 
+    async def check(self, w: Worker) -> bool:
+        """Poll one worker now (after a failed call): True if it is healthy."""
+        return await self._poll(w)
+
     def mark_unhealthy(self, w: Worker, error: str) -> None:
         """A call failed as if the worker were gone: route around it until a poll finds it healthy again."""
         w.view.healthy, w.error = False, error
