@@ -46,3 +46,20 @@ def checkpoint_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def llama_dir(checkpoint_dir):
     return checkpoint_dir("llama_gqa")
+
+
+@pytest.fixture(scope="session")
+def served():
+    """One real kvrelay deployment (Ray + gRPC, on CPU) shared by the integration tests that need it."""
+    pytest.importorskip("ray")
+    from serving import start_serving
+
+    s = start_serving()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def kvrelay_target(served) -> str:
+    """"host:port" of a running deployment on the embedded default model (decode TP 2, float32, CPU)."""
+    return served.target
