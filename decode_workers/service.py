@@ -60,19 +60,49 @@ class DecodeService(wpb_grpc.DecodeGroupServicer):
         if blocks is None:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"decode group {self.name} has no free KV blocks or seats now ({free} blocks free)")
+        reserved = wpb.DecodeEvent(reserved=wpb.Reserved(num_blocks=len(blocks), free_blocks=free))
+        async for ev in self._relay(rid, outputs, first=reserved):
+            yield ev
+
+    async def Generate(self, request: wpb.LocalRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[wpb.DecodeEvent]:
+        rid = request.request_id
+        aio = asyncio.get_running_loop()
+        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+
+        def add(eng: LLMEngine) -> None:
+            eng.add_request(rid, list(request.prompt_token_ids), params)
+            self.loop.subscribe(rid, lambda o: aio.call_soon_threadsafe(outputs.put_nowait, o))
+
+        try:
+            params = SamplingParams(**codec.sampling_kwargs(request.sampling))
+            await self.loop.acall(add)
+        except EngineDead as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"decode group {self.name}: {e}")
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        async for ev in self._relay(rid, outputs):
+            yield ev
+
+    async def _relay(self, rid: str, outputs: asyncio.Queue[RequestOutput],
+                     first: wpb.DecodeEvent | None = None) -> AsyncIterator[wpb.DecodeEvent]:
+        """`first`, then a request's outputs as events until it finishes; if the call ends first (the router
+        cancelled: client gone, stop string, deadline), abort the request so its blocks are freed now."""
         finished = False
         try:
-            yield wpb.DecodeEvent(reserved=wpb.Reserved(num_blocks=len(blocks), free_blocks=free))
+            if first is not None:
+                yield first
             while not finished:
                 out = await outputs.get()
                 finished = out.finished
                 if out.new_token_ids:
                     yield wpb.DecodeEvent(tokens=tokens_message(out))
                 if finished:
-                    yield wpb.DecodeEvent(finished=wpb.DecodeFinished(finish_reason=out.finish_reason or "abort",
-                                                                      error=out.error or ""))
+                    yield wpb.DecodeEvent(finished=wpb.DecodeFinished(
+                        finish_reason=out.finish_reason or "abort", error=out.error or "",
+                        cached_prompt_tokens=out.num_cached_tokens))
         finally:
-            if not finished:  # cancelled by the router (client gone, stop string, deadline): free the blocks now
+            if not finished:
                 self.loop.call(lambda eng: eng.abort_request(rid))
 
     async def SetFirstToken(self, request: wpb.FirstToken, context: grpc.aio.ServicerContext) -> wpb.Ack:

@@ -8,7 +8,7 @@ import sys
 
 SERVE_FLAGS: list[tuple[str, type, str]] = [
     ("model", str, "HuggingFace-format model directory (default: the embedded demo model)"),
-    ("prefill-workers", int, "prefill workers, one GPU each (default 1)"),
+    ("prefill-workers", int, "prefill workers, one GPU each (default 1; 0 = aggregated: decode groups prefill too)"),
     ("decode-groups", int, "decode groups (default 1)"),
     ("decode-tp", int, "tensor-parallel ranks (GPUs) per decode group (default 1)"),
     ("host", str, "router listen address (default 0.0.0.0)"),

@@ -16,7 +16,7 @@ from router.config import POLICIES, RouterConfig
 @dataclass(frozen=True)
 class ServeConfig:
     model: str = DEFAULT_MODEL_DIR  # a local HuggingFace-format directory
-    prefill_workers: int = 1
+    prefill_workers: int = 1  # 0: no disaggregation, each decode group runs whole requests (aggregated)
     decode_groups: int = 1
     decode_tp: int = 1  # ranks (GPUs) per decode group
     host: str = "0.0.0.0"  # where the router listens
@@ -42,7 +42,9 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if not os.path.isfile(os.path.join(self.model, "config.json")):
             raise ValueError(f"model {self.model!r} is not a HuggingFace model directory (no config.json there)")
-        for name in ("prefill_workers", "decode_groups", "decode_tp"):
+        if self.prefill_workers < 0:
+            raise ValueError(f"prefill-workers must be >= 0 (0 = aggregated serving), got {self.prefill_workers}")
+        for name in ("decode_groups", "decode_tp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.device not in ("auto", "cpu", "cuda"):

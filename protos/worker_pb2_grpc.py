@@ -216,6 +216,11 @@ class DecodeGroupStub:
                 request_serializer=protos_dot_worker__pb2.FirstToken.SerializeToString,
                 response_deserializer=protos_dot_worker__pb2.Ack.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/kvrelay.internal.v1.DecodeGroup/Generate',
+                request_serializer=protos_dot_worker__pb2.LocalRequest.SerializeToString,
+                response_deserializer=protos_dot_worker__pb2.DecodeEvent.FromString,
+                _registered_method=True)
         self.GetLoad = channel.unary_unary(
                 '/kvrelay.internal.v1.DecodeGroup/GetLoad',
                 request_serializer=protos_dot_worker__pb2.LoadRequest.SerializeToString,
@@ -251,6 +256,15 @@ class DecodeGroupServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Generate(self, request, context):
+        """Run a whole request on this group, prefill included: the group as an aggregated (colocated) engine, for
+        deployments without prefill workers. Streams `tokens` (from index 0) then `finished`. The request waits in
+        the group's own queue when its KV does not fit now; cancelling the call aborts it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetLoad(self, request, context):
         """Load and KV state, for routing and health.
         """
@@ -275,6 +289,11 @@ def add_DecodeGroupServicer_to_server(servicer, server):
                     servicer.SetFirstToken,
                     request_deserializer=protos_dot_worker__pb2.FirstToken.FromString,
                     response_serializer=protos_dot_worker__pb2.Ack.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=protos_dot_worker__pb2.LocalRequest.FromString,
+                    response_serializer=protos_dot_worker__pb2.DecodeEvent.SerializeToString,
             ),
             'GetLoad': grpc.unary_unary_rpc_method_handler(
                     servicer.GetLoad,
@@ -364,6 +383,33 @@ class DecodeGroup:
             '/kvrelay.internal.v1.DecodeGroup/SetFirstToken',
             protos_dot_worker__pb2.FirstToken.SerializeToString,
             protos_dot_worker__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kvrelay.internal.v1.DecodeGroup/Generate',
+            protos_dot_worker__pb2.LocalRequest.SerializeToString,
+            protos_dot_worker__pb2.DecodeEvent.FromString,
             options,
             channel_credentials,
             insecure,

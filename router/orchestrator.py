@@ -1,24 +1,24 @@
 """The life of a request across the workers (ARCHITECTURE.md "Life of a request", steps 2-6).
 
-pick a prefill worker (cached prefix, then load) -> reserve KV blocks on a decode group (most free blocks first;
-wait in line when none has room) -> prefill there, KV streamed layer by layer to the reserved blocks -> the first
-token goes to the client and to the decode group -> decode streams the rest. The router detokenizes and applies
-stop strings (workers stream token ids only). Whatever ends the request (finish, stop string, error, client
-cancel or deadline), the `finally` cancels the worker calls still open, which frees the blocks on both sides.
+Disaggregated: pick a prefill worker (cached prefix, then load) -> reserve KV blocks on a decode group (most free
+blocks first; wait in line when none has room) -> prefill there, KV streamed layer by layer into the reserved
+blocks -> the first token goes to the client and to the decode group -> decode streams the rest. Without prefill
+workers the decode groups are aggregated engines: a request runs whole on one (cached prefix, then load). The
+router detokenizes and applies stop strings (workers stream token ids only). Whatever ends a request (finish, stop
+string, error, client cancel or deadline), the `finally`s cancel the worker calls still open, which frees its
+blocks everywhere.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from engine.output_processor import OutputState
-from engine.outputs import Logprob
 from engine.tokenizer import Tokenizer
 from router.admission import WaitingRoom
+from router.client_stream import Chunk, ClientStream, Final, relay
 from router.config import RouterConfig
 from router.errors import INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE, RequestError
 from router.metrics import RouterMetrics
@@ -40,25 +40,7 @@ from router.workers import Worker, WorkerPool
 log = logging.getLogger("kvrelay.router")
 PREFILL_ATTEMPTS = 2
 
-
-@dataclass
-class Chunk:
-    token_ids: list[int]
-    text: str
-    logprobs: list[Logprob]
-
-
-@dataclass
-class Final:
-    request_id: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    cached_prompt_tokens: int
-    queued_ms: float
-    first_token_ms: float
-    kv_landed_ms: float
-    total_ms: float
+__all__ = ["Chunk", "Final", "Orchestrator"]
 
 
 @dataclass
@@ -79,7 +61,8 @@ class Orchestrator:
         self.room = WaitingRoom(config.max_queued_requests)
         self.metrics = RouterMetrics()
         self._ids = itertools.count()
-        self.block_size = pool.prefill[0].load.block_size if pool.prefill[0].load else 16
+        first = pool.all[0].load
+        self.block_size = first.block_size if first is not None else 16
 
     # ---- placement ----------------------------------------------------------------------------------------
     def _pick_prefill(self, hashes: list[int]) -> Worker:
@@ -124,86 +107,83 @@ class Orchestrator:
     # ---- one request --------------------------------------------------------------------------------------
     async def generate(self, spec: RequestSpec) -> AsyncIterator[Chunk | Final]:
         """Chunks as tokens come, then one Final. Raises RequestError (nothing more is streamed after it)."""
+        rid = f"{spec.request_id}#{next(self._ids)}"  # internal id: unique even when a client id is reused
+        out = ClientStream(spec, self.tokenizer)
+        hashes = block_hashes(spec.prompt_ids, self.block_size)
+        if not self.pool.prefill:
+            chunks = self._colocated(rid, spec, hashes, out)
+        elif spec.params.max_tokens == 1:
+            chunks = self._prefill_only(rid, spec, hashes, out)
+        else:
+            chunks = self._disaggregated(rid, spec, hashes, out)
         try:
-            async for item in self._generate(spec):
-                yield item
+            async for c in chunks:
+                yield c
         except RequestError as e:
             self.metrics.failed(e.code)
             raise
+        final = out.final()
+        self.metrics.finished(final.finish_reason, final.prompt_tokens, final.cached_prompt_tokens,
+                              final.completion_tokens, final.first_token_ms)
+        yield final
 
-    async def _generate(self, spec: RequestSpec) -> AsyncIterator[Chunk | Final]:
-        rid = f"{spec.request_id}#{next(self._ids)}"  # internal id: unique even when a client id is reused
-        state = OutputState(spec.prompt_ids, spec.params, self.tokenizer)
-        hashes = block_hashes(spec.prompt_ids, self.block_size)
-        lp_sent = 0
+    async def _prefill_only(self, rid: str, spec: RequestSpec, hashes: list[int],
+                            out: ClientStream) -> AsyncIterator[Chunk]:
+        """One token: nothing to decode, the prefill worker alone answers."""
+        outcome = await self._prefill(self._pick_prefill(hashes), rid, spec, hashes, decode_group="")
+        out.cached_tokens = outcome.cached_tokens
+        if not out.add(outcome.first_token, outcome.logprob):
+            out.finish(outcome.finish_reason)
+        if (c := out.chunk()) is not None:
+            yield c
 
-        def chunk(finished: bool) -> Chunk | None:
-            nonlocal lp_sent
-            tokens, text = state.take(finished)
-            if not tokens and not text:
-                return None
-            lps = state.logprobs[lp_sent:lp_sent + len(tokens)] if state.logprobs is not None else []
-            lp_sent += len(lps)
-            return Chunk(tokens, text, lps)
-
-        def add(token: int, lp: tuple[float, list[tuple[int, float]]] | None) -> bool:
-            return state.add(token, Logprob(token, lp[0], lp[1]) if lp is not None else None)
-
-        if spec.params.max_tokens == 1:  # nothing to decode: the prefill worker alone answers
-            p = self._pick_prefill(hashes)
-            outcome = await self._prefill(p, rid, spec, hashes, decode_group="")
-            ttft = _ms(spec.arrival)
-            stopped = add(outcome.first_token, outcome.logprob) | state.flush()
-            if (c := chunk(True)) is not None:
-                yield c
-            yield self._final(spec, state, "stop" if stopped else outcome.finish_reason, outcome.cached_tokens,
-                              0.0, ttft, 0.0)
-            return
-
+    async def _disaggregated(self, rid: str, spec: RequestSpec, hashes: list[int],
+                             out: ClientStream) -> AsyncIterator[Chunk]:
         placement, outcome, queued_s = await self._place_and_prefill(rid, spec, hashes)
         rid, d = placement.request_id, placement.decode
+        out.queued_ms, out.cached_tokens = queued_s * 1e3, outcome.cached_tokens
         try:
-            ttft, landed = _ms(spec.arrival), 0.0
-            if add(outcome.first_token, outcome.logprob):  # a stop string already: no decoding at all
-                if (c := chunk(True)) is not None:
+            if out.add(outcome.first_token, outcome.logprob):  # a stop string already: nothing to decode
+                if (c := out.chunk()) is not None:
                     yield c
-                yield self._final(spec, state, "stop", outcome.cached_tokens, queued_s * 1e3, ttft, 0.0)
                 return
             assert isinstance(d.client, DecodeClient)
             try:
                 await d.client.set_first_token(rid, outcome.first_token)
             except WorkerError as e:
                 raise RequestError(UNAVAILABLE, f"decode group {d.name} lost the request: {e.details}") from None
-            if (c := chunk(False)) is not None:
+            if (c := out.chunk()) is not None:
+                yield c  # the first token reaches the client while the decode group admits the request
+            async for c in relay(placement.events, d.name, out):
                 yield c
-            received, reason = 1, None
-            async for ev in _worker_events(placement.events, d.name):
-                if isinstance(ev, Tokens):
-                    landed = landed or _ms(spec.arrival)
-                    for i, tok in enumerate(ev.token_ids):
-                        if ev.start_index + i < received:
-                            continue  # the first token, already streamed from the prefill worker
-                        received += 1
-                        if add(tok, ev.logprobs[i] if ev.logprobs else None):
-                            reason = "stop"
-                            break
-                    if reason is not None:
-                        break
-                    if (c := chunk(False)) is not None:
-                        yield c
-                elif isinstance(ev, Finished):
-                    if ev.finish_reason == "abort":
-                        raise RequestError(UNAVAILABLE, f"decode group {d.name} aborted the request: "
-                                           f"{ev.error or 'no reason given'}")
-                    reason = "stop" if state.flush() else ev.finish_reason
-                    break
-            if reason is None:
-                raise RequestError(UNAVAILABLE, f"decode group {d.name} ended the stream without finishing")
-            if (c := chunk(True)) is not None:
-                yield c
-            yield self._final(spec, state, reason, outcome.cached_tokens, queued_s * 1e3, ttft, landed)
         finally:
             placement.stream.cancel()  # no-op once finished; otherwise the decode group frees the blocks now
+            d.view.inflight -= 1
+            self.room.notify()
+
+    async def _colocated(self, rid: str, spec: RequestSpec, hashes: list[int],
+                         out: ClientStream) -> AsyncIterator[Chunk]:
+        """No prefill workers: a decode group runs the whole request (an aggregated engine)."""
+
+        async def seat() -> Worker | None:
+            free = [w for w in self.pool.decode if w.view.inflight < (w.load.max_num_seqs if w.load else 1)]
+            cached = {w.name: w.index.match(hashes) for w in free if w.index is not None}
+            view = self.policy.pick_prefill([w.view for w in free], cached)
+            if view is None and not any(w.view.healthy for w in self.pool.decode):
+                raise RequestError(UNAVAILABLE, "no healthy decode group")
+            return next((w for w in free if w.view is view), None)
+
+        d, queued_s = await self.room.acquire(seat, self.config.queue_timeout_s)
+        assert isinstance(d.client, DecodeClient) and d.index is not None
+        out.queued_ms = queued_s * 1e3
+        d.index.insert(hashes)
+        d.view.inflight += 1
+        stream = d.client.generate(rid, spec.prompt_ids, spec.params)
+        try:
+            async for c in relay(stream.__aiter__(), d.name, out):
+                yield c
+        finally:
+            stream.cancel()
             d.view.inflight -= 1
             self.room.notify()
 
@@ -245,23 +225,3 @@ class Orchestrator:
             raise RequestError(UNAVAILABLE, f"prefill on {p.name} failed: {e.details}") from None
         finally:
             p.view.inflight -= 1
-
-    def _final(self, spec: RequestSpec, state: OutputState, reason: str, cached: int, queued_ms: float,
-               ttft_ms: float, landed_ms: float) -> Final:
-        total = _ms(spec.arrival)
-        n = len(state.token_ids)
-        self.metrics.finished(reason, len(spec.prompt_ids), cached, n, ttft_ms)
-        return Final(spec.request_id, reason, len(spec.prompt_ids), n, cached, queued_ms, ttft_ms, landed_ms, total)
-
-
-async def _worker_events(events: AsyncIterator, name: str) -> AsyncIterator:
-    """The decode stream's events, with a worker failure turned into the client's UNAVAILABLE."""
-    try:
-        async for ev in events:
-            yield ev
-    except WorkerError as e:
-        raise RequestError(UNAVAILABLE, f"decode group {name} failed: {e.details}") from None
-
-
-def _ms(since: float) -> float:
-    return (time.monotonic() - since) * 1e3

@@ -8,7 +8,7 @@ from typing import Any
 from protos import codec
 from protos import generation_pb2 as pb
 from protos import generation_pb2_grpc as pb_grpc
-from router.orchestrator import Chunk, Final
+from router.client_stream import Chunk, Final
 from router.requests import ModelLimits
 
 GenerationServicer = pb_grpc.GenerationServicer

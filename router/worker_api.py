@@ -52,6 +52,7 @@ class Tokens:
 class Finished:
     finish_reason: str
     error: str
+    cached_prompt_tokens: int = 0  # requests the group prefilled itself (Generate)
 
 
 @dataclass
@@ -138,7 +139,8 @@ class DecodeStream:
                     t = ev.tokens
                     yield Tokens(t.start_index, list(t.token_ids), [codec.logprob_fields(x) for x in t.logprobs])
                 else:
-                    yield Finished(ev.finished.finish_reason, ev.finished.error)
+                    f = ev.finished
+                    yield Finished(f.finish_reason, f.error, f.cached_prompt_tokens)
         except grpc.RpcError as e:
             raise WorkerError.from_rpc(e) from None
 
@@ -167,6 +169,11 @@ class DecodeClient(_Client):
                                 prefill_worker=prefill_worker, prefill_tensor_parallel_size=prefill_tp,
                                 transfer_timeout_s=transfer_timeout_s)
         return DecodeStream(self.stub.Decode(req))
+
+    def generate(self, request_id: str, prompt: list[int], params: Any) -> DecodeStream:
+        """The whole request on this group, prefill included (a deployment without prefill workers)."""
+        return DecodeStream(self.stub.Generate(wpb.LocalRequest(
+            request_id=request_id, prompt_token_ids=prompt, sampling=codec.sampling_message(params, drop_stop=True))))
 
     async def set_first_token(self, request_id: str, token: int) -> None:
         try:

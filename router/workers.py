@@ -42,8 +42,9 @@ class WorkerPool:
     """Mutates: workers' views (load polls, health) and prefix indexes."""
 
     def __init__(self, prefill: list[WorkerSpec], decode: list[WorkerSpec], poll_interval_s: float = 0.2) -> None:
-        if not prefill or not decode:
-            raise ValueError("the router needs at least one prefill worker and one decode group")
+        if not decode:
+            raise ValueError("the router needs at least one decode group (and prefill workers, or none for "
+                             "aggregated serving)")
         names = [w.name for w in prefill + decode]
         if len(set(names)) != len(names):
             raise ValueError(f"worker names must be unique, got {names}")
@@ -65,9 +66,9 @@ class WorkerPool:
                     raise TimeoutError(f"worker {w.name} at {w.spec.address} did not answer within {timeout_s:.0f} "
                                        f"s: {w.error}")
                 await asyncio.sleep(0.2)
-        for p in self.prefill:
-            assert p.load is not None
-            p.index = PrefixIndex(max(p.load.num_blocks, 1))
+        for w in self.all:  # prefill workers; decode groups too, which prefill when there are no prefill workers
+            assert w.load is not None
+            w.index = PrefixIndex(max(w.load.num_blocks, 1))
         await self.wire()
         self._poller = asyncio.create_task(self._poll_loop())
 

@@ -8,6 +8,7 @@ forward signature stays `forward(input_ids, positions)` and model code never see
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -51,20 +52,22 @@ class AttentionMetadata:
                    all_fresh_prefill=False, paged_decode=True)
 
 
-_CURRENT: AttentionMetadata | None = None
+# Per thread: several engines may step at once in one process (e.g. two engine loops), each on its own thread.
+_LOCAL = threading.local()
 
 
 @contextlib.contextmanager
 def attention_context(meta: AttentionMetadata) -> Iterator[AttentionMetadata]:
-    global _CURRENT
-    prev, _CURRENT = _CURRENT, meta
+    prev = getattr(_LOCAL, "meta", None)
+    _LOCAL.meta = meta
     try:
         yield meta
     finally:
-        _CURRENT = prev
+        _LOCAL.meta = prev
 
 
 def get_attention_metadata() -> AttentionMetadata:
-    if _CURRENT is None:
+    meta = getattr(_LOCAL, "meta", None)
+    if meta is None:
         raise RuntimeError("attention layers run only inside attention_context(...) (set by the model runner)")
-    return _CURRENT
+    return meta
