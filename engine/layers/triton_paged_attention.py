@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-NEG_BIG = -1.0e30  # finite "minus infinity": an empty split keeps max = NEG_BIG and sum = 0, never NaN
+# Finite "minus infinity": an empty split keeps max = NEG_BIG and sum = 0, never NaN.
+NEG_BIG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
@@ -142,10 +143,12 @@ def _num_sms(device_index: int) -> int:
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                           window: int | None, splits: int | None = None) -> torch.Tensor:
+                           window: int | None, splits: int | None = None, tile: int | None = None,
+                           num_warps: int = 4) -> torch.Tensor:
     """One new query per sequence. q: [B, H, D]; caches: [num_blocks, block_size, Hkv, D]; block_tables:
     [B, max_blocks] (entries past a sequence's length are never read); seq_lens: [B] tokens of KV including this
-    step's. Returns [B, H, D] in q's dtype. Launch shapes depend on B and the model only (graph-capturable)."""
+    step's. Returns [B, H, D] in q's dtype. Launch shapes depend on B and the model only (graph-capturable).
+    `splits`, `tile` (tokens per loop iteration) and `num_warps` override the defaults (for benchmarks)."""
     bsz, h, d = q.shape
     hkv = k_cache.shape[2]
     g = h // hkv
@@ -159,14 +162,14 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         ml = torch.empty(bsz, h, splits, 2, dtype=torch.float32, device=q.device)
     else:
         part = ml = out  # unused
-    tile = 64 if d_p <= 128 else 32
+    tile = tile or (64 if d_p <= 128 else 32)
     _decode_kernel[(bsz, hkv, splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part, ml, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
         BLOCK_SIZE=k_cache.shape[1], G=g, G_P=max(16, triton.next_power_of_2(g)), D=d, D_P=d_p, TILE=tile,
         WINDOW=window or 0, SPLITS=splits, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=2,
+        num_warps=num_warps, num_stages=2,
     )
     if splits > 1:
         _merge_kernel[(bsz, h)](part, ml, out, out.stride(0), out.stride(1), D=d, D_P=d_p, SPLITS=splits)

@@ -101,7 +101,7 @@ def test_bfloat16_graphs(llama_dir, monkeypatch):
     for g, f, n in zip(graph, f32, with_f32):
         assert len(g.token_ids) == 24 and not any(lp.logprob != lp.logprob for lp in g.logprobs)  # no NaN
         for a, b in zip(g.logprobs[:n], f.logprobs[:n]):  # while the tokens agree, so do their probabilities
-            assert a.logprob == pytest.approx(b.logprob, abs=0.1)
+            assert a.logprob == pytest.approx(b.logprob, abs=0.25)  # bf16 logits are good to ~3 digits
 
 
 class Recorder:

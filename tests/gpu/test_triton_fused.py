@@ -32,8 +32,8 @@ def close(out, ref):
     assert out.dtype == ref.dtype and out.shape == ref.shape
     if ref.dtype == torch.float32:
         torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-6)
-    else:  # same roundings as torch; a float32 reduction order may move a value by one bf16 step
-        torch.testing.assert_close(out.cpu().float(), ref.float(), rtol=8e-3, atol=1e-3)
+    else:  # same roundings as torch, yet a value near a cancellation may land one bf16 step (at 1.0) apart
+        torch.testing.assert_close(out.cpu().float(), ref.float(), rtol=8e-3, atol=1e-2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
