@@ -56,11 +56,12 @@ def engine_mode(llm, mode: str) -> Iterator[None]:
         r.graphs, r.decode_kernel = saved
 
 
-def time_ours(llm, prompts: list[list[int]], gen: int, device: str) -> tuple[float, float]:
-    """(prefill seconds, seconds per decode step)."""
+def time_ours(llm, prompts: list[list[int]], gen: int, device: str) -> tuple[float, float, float]:
+    """(prefill seconds, seconds per decode step, of which seconds in the runner's execute)."""
     from engine import SamplingParams
 
     eng = llm.engine
+    runner = eng.executor.runner
     p = SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True)
     for i, pr in enumerate(prompts):
         eng.add_request(f"r{i}", pr, p)
@@ -69,14 +70,66 @@ def time_ours(llm, prompts: list[list[int]], gen: int, device: str) -> tuple[flo
     eng.step()  # the batch's whole prefill: the token budget covers it
     sync(device)
     t1 = time.perf_counter()
+    in_runner = [0.0]
+    execute = runner.execute
+
+    def timed(*a, **kw):  # benchmark-only wrapper: the runner's share of the step (inputs, forward, sampling)
+        t = time.perf_counter()
+        try:
+            return execute(*a, **kw)
+        finally:
+            in_runner[0] += time.perf_counter() - t
+
+    runner.execute = timed
     steps = 0
-    while eng.has_unfinished_requests():
-        eng.step()
-        steps += 1
-    sync(device)
+    try:
+        while eng.has_unfinished_requests():
+            eng.step()
+            steps += 1
+        sync(device)
+    finally:
+        del runner.execute
     if steps != gen - 1:
         raise RuntimeError(f"expected {gen - 1} decode steps after one prefill step, ran {steps}")
-    return t1 - t0, (time.perf_counter() - t1) / max(steps, 1)
+    return t1 - t0, (time.perf_counter() - t1) / steps, in_runner[0] / steps
+
+
+def replay_time(llm, batch: int, reps: int = 20) -> float:
+    """Seconds per replay of the batch's decode graph alone, back to back (the forward's GPU time; the static
+    inputs still hold the last step's batch, so it reads that batch's KV)."""
+    graphs = llm.engine.executor.runner.graphs
+    graph = graphs.graphs[graphs.bucket_for(batch)]
+    graph.replay()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / reps
+
+
+def kernel_breakdown(llm, prompts: list[list[int]], top: int = 8) -> list[dict]:
+    """GPU time by kernel of one decode step of `prompts`, run eagerly (Triton mode) under the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from engine import SamplingParams
+
+    eng = llm.engine
+    for i, pr in enumerate(prompts):
+        eng.add_request(f"k{i}", pr, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    eng.step()  # prefill
+    with engine_mode(llm, "triton"):
+        eng.step()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            eng.step()
+            torch.cuda.synchronize()
+    while eng.has_unfinished_requests():
+        eng.step()
+    rows = [dict(kernel=e.key[:90], ms=getattr(e, "device_time_total", 0.0) / 1e3, count=e.count)
+            for e in prof.key_averages()]
+    rows = sorted((r for r in rows if r["ms"] > 0), key=lambda r: -r["ms"])
+    total = sum(r["ms"] for r in rows)
+    return [dict(kernel="(all kernels)", ms=total, count=sum(r["count"] for r in rows))] + rows[:top]
 
 
 def time_hf(model, prompts: list[list[int]], gen: int, device: str) -> float:
@@ -106,7 +159,9 @@ def bench_shape(args, shape: str, rng: random.Random, bw: float) -> list[dict]:
     kv_bytes = kv_bytes_per_token(shape, itemsize)
     prompts = {b: [[rng.randrange(3, SHAPES[shape]["vocab_size"]) for _ in range(args.prompt_len)]
                    for _ in range(b)] for b in args.batch}
-    ours: dict[tuple[str, int], tuple[float, float]] = {}
+    ours: dict[tuple[str, int], tuple[float, float, float]] = {}
+    replay: dict[int, float] = {}
+    kernels: list[dict] = []
     with tempfile.TemporaryDirectory() as d:
         llm = LLM(write_config(d, shape, args.dtype), dtype=args.dtype, device=args.device, load_format="dummy",
                   max_num_seqs=max_b, max_num_batched_tokens=max(2048, max_b * args.prompt_len),
@@ -117,7 +172,14 @@ def bench_shape(args, shape: str, rng: random.Random, bw: float) -> list[dict]:
                 with engine_mode(llm, mode):
                     time_ours(llm, prompts[b], 3, args.device)  # warm-up at this batch (first graph replay)
                     ours[mode, b] = time_ours(llm, prompts[b], args.gen, args.device)
-                print(f"{shape} batch {b} {mode}: {ours[mode, b][1] * 1e3:.2f} ms/step", flush=True)
+                    if mode == "graph":
+                        replay[b] = replay_time(llm, b)
+                print(f"{shape} batch {b} {mode}: {ours[mode, b][1] * 1e3:.2f} ms/step "
+                      f"({ours[mode, b][2] * 1e3:.2f} in the runner)", flush=True)
+        if args.profile and args.device == "cuda":
+            kernels = kernel_breakdown(llm, prompts[max_b])
+            for k in kernels:
+                print(f"{shape} batch {max_b} kernel {k['ms']:8.3f} ms x{k['count']:<4} {k['kernel']}", flush=True)
         llm.shutdown()
         del llm
     free(args.device)
@@ -142,6 +204,8 @@ def bench_shape(args, shape: str, rng: random.Random, bw: float) -> list[dict]:
         rows.append(dict(
             shape=shape, batch=b, mode=best, step_ms=step * 1e3, tok_s=b / step, tok_s_per_seq=1 / step,
             prefill_ms=ours[best, b][0] * 1e3, modes_step_ms={m: ours[m, b][1] * 1e3 for m in modes},
+            runner_ms=ours[best, b][2] * 1e3, graph_replay_ms=replay[b] * 1e3 if b in replay else None,
+            kernels=kernels if b == max_b else [],
             hf_step_ms=hf * 1e3, hf_tok_s=b / hf, hf_gen=hf_gen, speedup_vs_hf=hf / step,
             roofline_step_ms=roof * 1e3, frac_of_roofline=roof / step, weight_bytes=weights,
             kv_bytes_per_step=b * avg_ctx * kv_bytes,
@@ -160,6 +224,7 @@ def main() -> None:
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on cuda, else float32")
     ap.add_argument("--no-hf", action="store_true", help="skip the HuggingFace baseline")
+    ap.add_argument("--profile", action="store_true", help="GPU time by kernel of one step at the largest batch")
     ap.add_argument("--out", default="bench/results/decode_speed.json")
     args = ap.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
@@ -181,12 +246,15 @@ def main() -> None:
     others = [m for m in args.modes if m != rows[0]["mode"] and m in rows[0]["modes_step_ms"]]
     print(f"{'shape':>12} {'batch':>5} {'ms/step':>8} {'tok/s':>7} {'tok/s/seq':>9} "
           + "".join(f"{m + ' ms':>10}" for m in others)
-          + f" {'HF ms':>7} {'vs HF':>6} {'roof ms':>7} {'of roof':>7}")
+          + f" {'runner':>7} {'replay':>7} {'HF ms':>7} {'vs HF':>6} {'roof ms':>7} {'of roof':>7}")
     for r in rows:
+        replay = r["graph_replay_ms"] if r["graph_replay_ms"] is not None else float("nan")
         print(f"{r['shape']:>12} {r['batch']:>5} {r['step_ms']:>8.2f} {r['tok_s']:>7.0f} {r['tok_s_per_seq']:>9.1f} "
               + "".join(f"{r['modes_step_ms'][m]:>10.2f}" for m in others)
-              + f" {r['hf_step_ms']:>7.2f} {r['speedup_vs_hf']:>5.2f}x {r['roofline_step_ms']:>7.3f} "
-              f"{r['frac_of_roofline']:>6.1%}")
+              + f" {r['runner_ms']:>7.2f} {replay:>7.2f} {r['hf_step_ms']:>7.2f} {r['speedup_vs_hf']:>5.2f}x "
+              f"{r['roofline_step_ms']:>7.3f} {r['frac_of_roofline']:>6.1%}")
+    print("runner: ms of the step inside ModelRunner.execute (inputs, forward, sampling, the host sync); replay: "
+          "the decode graph alone, back to back (GPU time of the forward)")
 
 
 if __name__ == "__main__":
