@@ -16,6 +16,7 @@ SERVE_FLAGS: list[tuple[str, type, str]] = [
     ("address", str, "join this Ray cluster ('auto' or host:port) instead of starting a local one"),
     ("device", str, "auto | cpu | cuda (default auto: cuda when every rank can have a GPU)"),
     ("dtype", str, "auto | float32 | bfloat16 | float16 (default: the checkpoint's)"),
+    ("load-format", str, "auto | dummy (random weights from config.json alone, for benchmarks)"),
     ("block-size", int, "tokens per KV block (default 16)"),
     ("max-model-len", int, "prompt + generated tokens at most (default: the model's, at most 8192)"),
     ("gpu-memory-utilization", float, "share of each GPU an engine may use (default 0.9)"),

@@ -24,6 +24,7 @@ class ServeConfig:
     address: str | None = None  # an existing Ray cluster to join ("auto" or host:port); None = start one locally
     device: str = "auto"  # "cuda" when the cluster has GPUs for every rank, else "cpu"
     dtype: str = "auto"
+    load_format: str = "auto"  # "dummy": random weights from config.json alone (benchmarks of a model's shape)
     block_size: int = 16
     max_model_len: int | None = None
     gpu_memory_utilization: float = 0.9
@@ -49,6 +50,8 @@ class ServeConfig:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load-format must be auto or dummy, got {self.load_format!r}")
         if self.routing_policy not in POLICIES:
             raise ValueError(f"routing-policy must be one of {POLICIES}, got {self.routing_policy!r}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):

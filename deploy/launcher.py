@@ -76,7 +76,7 @@ class Deployment:
             os.path.abspath(c.model), dtype=c.dtype, device=device, block_size=c.block_size, num_blocks=num_blocks,
             gpu_memory_utilization=c.gpu_memory_utilization, max_model_len=c.max_model_len,
             max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
-            enable_prefix_caching=c.enable_prefix_caching, tensor_parallel_size=tp)
+            enable_prefix_caching=c.enable_prefix_caching, tensor_parallel_size=tp, load_format=c.load_format)
 
     def start(self) -> Placed:
         """Create and start every actor; returns once each has loaded its model and serves."""

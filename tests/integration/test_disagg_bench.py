@@ -1,0 +1,24 @@
+"""bench/disagg_vs_agg.py keeps working: its CPU dry run starts both deployments (disaggregated, and aggregated
+behind the same router), sweeps each workload, and writes a consistent report."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def test_disagg_vs_agg_dry_run(tmp_path):
+    pytest.importorskip("ray")
+    out = tmp_path / "dva.json"
+    r = subprocess.run([sys.executable, "-m", "bench.disagg_vs_agg", "--device", "cpu", "--shape", "tiny", "--quick",
+                        "--duration", "0", "--num-requests", "6", "--max-points", "2", "--start-rate", "2",
+                        "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    assert {(x["mode"], x["workload"]["name"]) for x in rep["rows"]} == {
+        (m, w) for m in ("disaggregated", "aggregated") for w in ("chat", "long")}
+    for row in rep["rows"]:
+        assert 1 <= len(row["points"]) <= 2
+        assert row["best_rate"] is not None and row["goodput"] <= row["request_throughput"] + 1e-9
+    assert "vs aggregated" in r.stdout.splitlines()[-5]
