@@ -49,6 +49,14 @@ class LocalExecutor(Executor):
             self.extension.close()
 
 
+def _checked(method: str, results: list[Any]) -> list[Any]:
+    """Every rank's return value, or one error naming each rank's failure."""
+    errors = [r for r in results if isinstance(r, ExtensionError)]
+    if errors:
+        raise ExtensionError(f"worker extension {method!r} failed: " + "; ".join(map(str, errors)))
+    return results
+
+
 class GroupLeaderExecutor(Executor):
     """This process is rank 0 of a tensor-parallel group whose other ranks run in processes started elsewhere
     (a decode worker's Ray actors, each in `engine.worker.run_follower`). Rank 0 broadcasts every step itself."""
@@ -64,11 +72,7 @@ class GroupLeaderExecutor(Executor):
         return self.worker.step(out)
 
     def call_extension(self, method: str, *args: Any) -> list[Any]:
-        results = self.worker.step(("ext", method, args))[1]
-        errors = [r for r in results if isinstance(r, ExtensionError)]
-        if errors:
-            raise ExtensionError(f"worker extension {method!r} failed: " + "; ".join(map(str, errors)))
-        return results
+        return _checked(method, self.worker.step(("ext", method, args))[1])
 
     def shutdown(self) -> None:
         """Tell the other ranks to stop (they leave `run_follower`) and leave the group."""
@@ -137,11 +141,7 @@ class MultiprocExecutor(Executor):
 
     def call_extension(self, method: str, *args: Any) -> list[Any]:
         self.conn.send(("ext", method, args))
-        results = self._recv()[1]
-        errors = [r for r in results if isinstance(r, ExtensionError)]
-        if errors:
-            raise ExtensionError(f"worker extension {method!r} failed: " + "; ".join(map(str, errors)))
-        return results
+        return _checked(method, self._recv()[1])
 
     def shutdown(self) -> None:
         if self._closed:
