@@ -60,3 +60,23 @@ def test_output_state_without_stop_streams_every_char():
         st.add(t)
         out.append(st.take(False)[1])
     assert out == ["h", "e", "l", "l", "o"] and not st.flush()
+
+
+def test_deploy_examples_parse_and_the_serve_config_validates(tmp_path):
+    import os
+
+    import yaml
+
+    from deploy.config import ServeConfig
+
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "deploy", "examples")
+    for name in ("ray-cluster.yaml", "kuberay-cluster.yaml"):
+        docs = list(yaml.safe_load_all(open(os.path.join(root, name))))
+        assert docs and all(isinstance(d, dict) for d in docs)
+    kwargs = ServeConfig.from_file(os.path.join(root, "serve.yaml"))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    cfg = ServeConfig(**{**kwargs, "model": str(model)})
+    assert (cfg.prefill_workers, cfg.decode_groups, cfg.decode_tp, cfg.max_num_seqs) == (2, 1, 2, 128)
+    assert cfg.router_config().max_queued_requests == 256
