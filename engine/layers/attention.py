@@ -62,13 +62,24 @@ def prefill_attention(
 ) -> torch.Tensor:
     # Fresh prompts: causal attention over the step's own K/V, one SDPA per sequence. q: [T, H, D]; k, v: [T, Hkv, D]
     out = torch.empty_like(q)
-    gqa = k.shape[1] != q.shape[1]
+    group = q.shape[1] // k.shape[1]
+    if q.is_cuda and group > 1:
+        # SDPA's fused CUDA kernels (flash, memory-efficient) need [B, H, L, D] inputs with as many K/V heads as
+        # query heads; 3-D inputs or enable_gqa send it to the math kernel, which materialises the [H, L, L] scores
+        # (2 s for one 8192-token 8B prompt instead of ~0.2 s). Repeat each KV head for its group, as HF's repeat_kv.
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # [T, H, D]
     for b in range(len(meta.query_start) - 1):
         s, e = meta.query_start[b], meta.query_start[b + 1]
-        o = F.scaled_dot_product_attention(
-            q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
-            is_causal=True, scale=scale, enable_gqa=gqa,
-        )  # [H, len, D]
+        if q.is_cuda:
+            o = F.scaled_dot_product_attention(
+                q[s:e].transpose(0, 1)[None], k[s:e].transpose(0, 1)[None], v[s:e].transpose(0, 1)[None],
+                is_causal=True, scale=scale,
+            )[0]  # [H, len, D]
+        else:
+            o = F.scaled_dot_product_attention(
+                q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
+                is_causal=True, scale=scale, enable_gqa=group > 1,
+            )  # [H, len, D]
         out[s:e] = o.transpose(0, 1)
     return out
 
