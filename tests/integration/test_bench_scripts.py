@@ -22,7 +22,7 @@ def test_kv_transfer_bench_dry_run(tmp_path):
 def test_decode_speed_dry_run(tmp_path):
     out = tmp_path / "decode.json"
     subprocess.run([sys.executable, "-m", "bench.decode_speed", "--device", "cpu", "--shape", "tiny", "--batch", "1",
-                    "3", "--prompt-len", "8", "--gen", "4", "--out", str(out)], check=True, timeout=300)
+                    "3", "--prompt-len", "8", "--gen", "8", "--out", str(out)], check=True, timeout=300)
     res = json.loads(out.read_text())
     assert [r["batch"] for r in res["rows"]] == [1, 3] and res["copy_bandwidth_GBps"] > 0
     for r in res["rows"]:
@@ -32,7 +32,7 @@ def test_decode_speed_dry_run(tmp_path):
         # weights: 4 layers of (q, k, v, o, gate, up, down) + norms, final norm, LM head; fp32
         weights = 4 * (128 * (4 + 2 * 2) * 32 + 128 * 128 + 3 * 128 * 256 + 2 * 128) + 128 + 512 * 128
         assert r["weight_bytes"] == 4 * weights
-        kv = r["batch"] * (8 + 4 / 2) * (2 * 4 * 2 * 32 * 4)  # average context 10 tokens
+        kv = r["batch"] * (8 + 8 / 2) * (2 * 4 * 2 * 32 * 4)  # average context 12 tokens
         assert r["kv_bytes_per_step"] == kv
         roof_ms = (4 * weights + kv) / (res["copy_bandwidth_GBps"] * 1e9) * 1e3
         assert r["roofline_step_ms"] == pytest.approx(roof_ms)
