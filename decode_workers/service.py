@@ -51,6 +51,9 @@ class DecodeService(wpb_grpc.DecodeGroupServicer):
 
         try:
             blocks, free = await self.loop.acall(reserve)
+        except asyncio.CancelledError:  # the reservation may have run anyway: undo it (no-op if it did not)
+            self.loop.call(lambda eng: eng.abort_request(rid))
+            raise
         except EngineDead as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"decode group {self.name}: {e}")
         except ValueError as e:
@@ -77,6 +80,9 @@ class DecodeService(wpb_grpc.DecodeGroupServicer):
         try:
             params = SamplingParams(**codec.sampling_kwargs(request.sampling))
             await self.loop.acall(add)
+        except asyncio.CancelledError:  # it may have been added anyway: abort it (no-op if it was not)
+            self.loop.call(lambda eng: eng.abort_request(rid))
+            raise
         except EngineDead as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"decode group {self.name}: {e}")
         except ValueError as e:

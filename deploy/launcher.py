@@ -94,10 +94,6 @@ class Deployment:
         bundle = {"GPU": 1, "CPU": 1} if gpu else {"CPU": 1}
         t0 = time.monotonic()
 
-        prefill_cls = ray.remote(PrefillActor)
-        names = [f"prefill-{i}" for i in range(c.prefill_workers)]
-        self.prefill_actors = [prefill_cls.options(name=None, max_restarts=0, **res).remote(n, prefill_cfg)
-                               for n in names]
         decode_cls = ray.remote(DecodeRankActor)
         for g in range(c.decode_groups):
             pg = placement_group([bundle] * c.decode_tp, strategy="STRICT_PACK", name=f"kvrelay-decode-{g}")
@@ -108,6 +104,10 @@ class Deployment:
                     pg, placement_group_bundle_index=r), **res).remote(f"decode-{g}", decode_cfg, r)
                 for r in range(c.decode_tp)])
 
+        # Prefill actors after the decode groups' packed placements, so they cannot fragment a node's GPUs.
+        prefill_cls = ray.remote(PrefillActor)
+        names = [f"prefill-{i}" for i in range(c.prefill_workers)]
+        self.prefill_actors = [prefill_cls.options(max_restarts=0, **res).remote(n, prefill_cfg) for n in names]
         prefill_addrs = [a.start.remote() for a in self.prefill_actors]
         group_addrs = []
         for ranks in self.decode_actors:

@@ -34,6 +34,11 @@ async def run_router(cfg: ServeConfig, placed: Placed, stop: asyncio.Event | Non
 
 def serve(cfg: ServeConfig) -> int:
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM during start-up tears down what was started, as Ctrl-C does
+
+    signal.signal(signal.SIGTERM, interrupt)
     deployment = Deployment(cfg)
     try:
         placed = deployment.start()

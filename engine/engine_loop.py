@@ -4,7 +4,8 @@ Only the loop thread touches the engine: other threads submit calls (`call`), wh
 subscribe a sink per request, which the loop calls with each `RequestOutput` of that request. The loop steps
 while there is work and otherwise sleeps until a call arrives. If a step fails, the engine is unusable (e.g. a
 tensor-parallel rank died): every subscribed request ends with an "abort" output carrying the error, and later
-calls raise `EngineDead`.
+calls raise `EngineDead`. So does a call that fails in torch.distributed (a rank is gone). Every
+`KEEPALIVE_S` the loop calls the engine's keepalive between steps.
 """
 
 from __future__ import annotations
@@ -14,11 +15,15 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from torch.distributed import DistError
+
+from engine.executor import WorkerError
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 
@@ -27,6 +32,9 @@ log = logging.getLogger("kvrelay.engine_loop")
 
 # With only remote prefills pending (KV in flight, nothing to compute), poll for landed KV this often.
 REMOTE_POLL_S = 0.002
+# Between steps this often, the engine's keepalive: idle tensor-parallel ranks and KV channels must never sit
+# in a receive long enough to time out.
+KEEPALIVE_S = 30.0
 
 
 class EngineDead(RuntimeError):
@@ -55,6 +63,7 @@ class EngineLoop:
         self._sinks: dict[str, Callable[[RequestOutput], None]] = {}
         self._stopping = False
         self.error: str | None = None
+        self.busy_since: float | None = None  # when the running step or call began
         self._steps = 0
         self.stats = self._snapshot()
         self._thread = threading.Thread(target=self._run, name=f"kvrelay-{name}-loop", daemon=True)
@@ -101,10 +110,15 @@ class EngineLoop:
                 return
             if not fut.set_running_or_notify_cancel():
                 continue
+            self.busy_since = time.monotonic()
             try:
                 fut.set_result(fn(self.engine))
-            except BaseException as e:  # the caller gets it; the loop carries on
+            except BaseException as e:  # the caller gets it; the loop carries on, unless the ranks are gone
                 fut.set_exception(e)
+                if isinstance(e, (DistError, WorkerError)):
+                    raise
+            finally:
+                self.busy_since = None
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
@@ -117,14 +131,20 @@ class EngineLoop:
 
     def _run(self) -> None:
         eng = self.engine
+        last_keepalive = time.monotonic()
         while not self._stopping:
-            self._run_calls()
-            if not eng.has_unfinished_requests():
-                self._wake.wait()
-                self._wake.clear()
-                continue
             try:
+                self._run_calls()
+                if time.monotonic() - last_keepalive > KEEPALIVE_S:
+                    eng.keepalive()
+                    last_keepalive = time.monotonic()
+                if not eng.has_unfinished_requests():
+                    self._wake.wait(KEEPALIVE_S)
+                    self._wake.clear()
+                    continue
+                self.busy_since = time.monotonic()
                 outputs = eng.step()
+                self.busy_since = None
             except BaseException:
                 self._die(traceback.format_exc())
                 break
@@ -143,8 +163,14 @@ class EngineLoop:
         self._end_all("the worker is shutting down")
         self._fail_calls()
 
+    def stuck_for(self) -> float:
+        """Seconds the current step or call has run (0 when between them): a worker whose loop is stuck in a
+        collective (a rank hung) reports itself unhealthy past a bound."""
+        since = self.busy_since
+        return time.monotonic() - since if since is not None else 0.0
+
     def _die(self, tb: str) -> None:
-        self.error = f"engine step failed:\n{tb}"
+        self.error = f"engine failed:\n{tb}"
         log.error(self.error)
         self._end_all(self.error)
 

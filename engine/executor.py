@@ -26,6 +26,9 @@ class Executor:
         """Call `method(*args)` on every rank's worker extension; the return values in rank order."""
         raise NotImplementedError
 
+    def keepalive(self) -> None:
+        """Between steps, every so often: tell idle ranks and the extension's idle channels that all is well."""
+
     def shutdown(self) -> None:
         pass
 
@@ -43,6 +46,10 @@ class LocalExecutor(Executor):
         if self.extension is None:
             raise RuntimeError("this engine has no worker_extension configured")
         return [getattr(self.extension, method)(*args)]
+
+    def keepalive(self) -> None:
+        if self.extension is not None and hasattr(self.extension, "keepalive"):
+            self.extension.keepalive()
 
     def shutdown(self) -> None:
         if self.extension is not None and hasattr(self.extension, "close"):
@@ -73,6 +80,9 @@ class GroupLeaderExecutor(Executor):
 
     def call_extension(self, method: str, *args: Any) -> list[Any]:
         return _checked(method, self.worker.step(("ext", method, args))[1])
+
+    def keepalive(self) -> None:
+        self.worker.step(("keepalive",))
 
     def shutdown(self) -> None:
         """Tell the other ranks to stop (they leave `run_follower`) and leave the group."""
@@ -142,6 +152,10 @@ class MultiprocExecutor(Executor):
     def call_extension(self, method: str, *args: Any) -> list[Any]:
         self.conn.send(("ext", method, args))
         return _checked(method, self._recv()[1])
+
+    def keepalive(self) -> None:
+        self.conn.send(("keepalive",))
+        self._recv()
 
     def shutdown(self) -> None:
         if self._closed:

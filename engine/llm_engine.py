@@ -147,7 +147,10 @@ class LLMEngine:
         try:
             self.executor.call_extension("expect", request_id, blocks, peer, prefill_tp)
         except Exception:
-            self.scheduler.finish(request_id, "abort")  # nothing was registered: release the reservation
+            try:  # ranks where it did register must forget it before the blocks are reused
+                self.executor.call_extension("cancel", [request_id])
+            finally:
+                self.scheduler.finish(request_id, "abort")
             raise
         self._states[request_id] = _RequestState(seq, self._out_tokenizer)
         self._remote.add(request_id, timeout_s)
@@ -185,6 +188,11 @@ class LLMEngine:
             return False
         self._aborted.append(self._output(state, [], "", finished=True))
         return True
+
+    def keepalive(self) -> None:
+        """Call between steps every so often (a serving loop does, see engine_loop): keeps idle tensor-parallel
+        ranks and idle KV channels from timing out."""
+        self.executor.keepalive()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._aborted)

@@ -54,6 +54,12 @@ class TPWorker:
             except Exception as e:
                 value = ExtensionError(f"rank {self.group.rank}: {type(e).__name__}: {e}")
             return ("ext", self.group.gather_to_rank0(value))
+        if isinstance(msg, tuple) and msg[0] == "keepalive":
+            # Between steps, now and then: the broadcast itself tells idle ranks rank 0 is alive; the extension
+            # (KV connector) keeps its own idle channels alive.
+            if self.extension is not None and hasattr(self.extension, "keepalive"):
+                self.extension.keepalive()
+            return ("ext", self.group.gather_to_rank0(None))
         result: StepResult = self.runner.execute(msg, self.extension)
         events = self.group.gather_to_rank0(result.ext_events[0] if result.ext_events else None)
         result.ext_events = events if self.extension is not None and events is not None else []
@@ -73,9 +79,15 @@ def make_extension(config: Any, runner: ModelRunner, rank: int) -> Any:
 
 
 def run_follower(worker: TPWorker) -> None:
-    """A rank > 0 whose rank 0 lives in another process: take part in every step until rank 0 shuts down."""
-    while worker.step(None) is not None:
-        pass
+    """A rank > 0 whose rank 0 lives in another process: take part in every step until rank 0 shuts down. If
+    this rank fails, its process exits at once, so that rank 0's next collective fails fast instead of waiting
+    for a rank that will never come."""
+    try:
+        while worker.step(None) is not None:
+            pass
+    except BaseException:
+        traceback.print_exc()
+        os._exit(1)
     if worker.extension is not None and hasattr(worker.extension, "close"):
         worker.extension.close()
     worker.group.destroy()

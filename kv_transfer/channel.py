@@ -7,7 +7,9 @@ Wire format, per prefill step that sends anything on this channel, all messages 
   1. header  int64[8]: MAGIC, num_transfers, num_layers, total_blocks, heads, head_dim, block_size, dtype code
   2. table   int64[2 * num_transfers]: (transfer key, number of blocks) per transfer, in payload order
   3. payload per layer l: [2 (K, V), total_blocks, block_size, heads, head_dim], the transfers' blocks back to back
-Every message is one tensor, so a layer of a step is one message whatever the number of requests in it.
+Every message is one tensor, so a layer of a step is one message whatever the number of requests in it. A header
+with num_transfers 0 is a keepalive, sent between steps so an idle channel's pending receive never times out;
+nothing follows it.
 """
 
 from __future__ import annotations

@@ -41,9 +41,25 @@ class _OutChannel:
     slices: list[HeadSlice]
     works: list[Any] = field(default_factory=list)
     keep: list[torch.Tensor] = field(default_factory=list)  # buffers alive until their sends complete
+    error: str | None = None  # a send failed this step: the rest of the step skips it, end_step drops it
+
+    def send(self, t: torch.Tensor) -> None:
+        """Queue a send; a failure (the receiver is gone) marks the channel instead of failing the whole step,
+        so only the transfers on this channel fail."""
+        if self.error is not None:
+            return
+        try:
+            self.works.append(self.channel.send(t))
+            self.keep.append(t)
+        except Exception as e:
+            self.error = str(e)
 
 
 class KVConnector:
+    # A receiver waits this long for a sender's next message; the sender's keepalive (every 30 s from the engine
+    # loop) keeps an idle channel well inside it.
+    idle_timeout_s = 3600.0
+
     def __init__(self, ctx: Any, host: str | None = None, timeout_s: float = 60.0) -> None:
         self.rank, self.tp_size = ctx.rank, ctx.tp_size
         self.kv: torch.Tensor = ctx.kv_cache  # [2, layers, blocks, block_size, local kv heads, head_dim]
@@ -60,6 +76,7 @@ class KVConnector:
         self.failed: dict[str, str] = {}
         self.in_channels: dict[tuple[str, int], KVChannel] = {}
         self.dead_peers: dict[str, str] = {}
+        self.generation: dict[str, int] = {}  # per peer: bumped by each listen; older channels' failures are moot
         self.threads: list[threading.Thread] = []
         # sender role
         self.out: dict[str, dict[int, _OutChannel]] = {}  # peer -> decode rank -> channel
@@ -69,14 +86,20 @@ class KVConnector:
 
     # ================= receiver role =================
     def listen(self, peer: str, prefill_tp: int) -> dict[int, tuple[str, int]]:
-        """Open one store per prefill rank that sends to this rank; returns {prefill rank: (host, port)}."""
+        """Open one store per prefill rank that sends to this rank; returns {prefill rank: (host, port)}. Listening
+        again for the same peer (re-wiring a broken pair) replaces its channels."""
         plan = make_transfer_plan(self.num_kv_heads, prefill_tp, self.tp_size)
+        with self.lock:
+            gen = self.generation[peer] = self.generation.get(peer, 0) + 1
+            old = [k for k in self.in_channels if k[0] == peer]
+        for key in old:
+            self.in_channels.pop(key).close()
         addrs = {}
         for src in plan.sources(self.rank):
             store = KVChannel.listen(self.host, self.timeout_s)
             addrs[src] = (self.host, store.port)
             slices = [s for s in plan.slices[self.rank] if s.src_rank == src]
-            t = threading.Thread(target=self._serve, args=(peer, src, store, slices), daemon=True,
+            t = threading.Thread(target=self._serve, args=(peer, src, store, slices, gen), daemon=True,
                                  name=f"kv-recv-{peer}-{src}")
             t.start()
             self.threads.append(t)
@@ -107,40 +130,47 @@ class KVConnector:
             self.landed, self.failed = [], {}
         return out
 
-    def _fail_peer(self, peer: str, error: str) -> None:
+    def _fail_peer(self, peer: str, error: str, gen: int) -> None:
         with self.lock:
+            if self.closed or self.generation.get(peer) != gen:
+                return  # closing down, or a channel already replaced by a newer listen
             self.dead_peers[peer] = error
             for key, e in list(self.expected.items()):
                 if e.peer == peer:
                     del self.expected[key]
                     self.failed[e.request_id] = error
 
-    def _serve(self, peer: str, src: int, store: Any, slices: list[HeadSlice]) -> None:
+    def _serve(self, peer: str, src: int, store: Any, slices: list[HeadSlice], gen: int) -> None:
         if self.device.type == "cuda":
             # This thread's receives and scatters run on its own stream, synchronised by the host before anything
             # is reported: an idle receive must never make the engine's stream wait.
             torch.cuda.set_device(self.device)
             torch.cuda.set_stream(torch.cuda.Stream(self.device))
         try:
-            ch = KVChannel(store, KVChannel.RECEIVER, self.device, self.timeout_s * 60)
+            ch = KVChannel(store, KVChannel.RECEIVER, self.device, self.idle_timeout_s)
         except Exception as e:
-            self._fail_peer(peer, f"KV channel from prefill worker {peer!r} rank {src} did not form: {e}")
+            self._fail_peer(peer, f"KV channel from prefill worker {peer!r} rank {src} did not form: {e}", gen)
             return
-        self.in_channels[(peer, src)] = ch
+        with self.lock:
+            if self.generation.get(peer) != gen:
+                ch.close()  # replaced while it formed
+                return
+            self.in_channels[(peer, src)] = ch
         try:
             while not self.closed:
                 self._receive_step(ch, peer, slices)
         except ChannelClosed as e:
-            if not self.closed:
-                self._fail_peer(peer, f"KV transfer from prefill worker {peer!r} rank {src} failed: {e}")
+            self._fail_peer(peer, f"KV transfer from prefill worker {peer!r} rank {src} failed: {e}", gen)
         except Exception:
-            self._fail_peer(peer, f"KV receiver for {peer!r} rank {src} crashed:\n{traceback.format_exc()}")
+            self._fail_peer(peer, f"KV receiver for {peer!r} rank {src} crashed:\n{traceback.format_exc()}", gen)
         finally:
             ch.close()
 
     def _receive_step(self, ch: KVChannel, peer: str, slices: list[HeadSlice]) -> None:
         hdr = ch.recv_now((HEADER_WORDS,), torch.int64).tolist()
         magic, n, layers, total, heads, head_dim, block_size, dtype_code = hdr
+        if magic == MAGIC and n == 0:
+            return  # the sender's keepalive: the channel is idle, not dead
         want = (self.kv.shape[1], sum(s.num for s in slices), self.kv.shape[5], self.kv.shape[3],
                 DTYPE_CODES[self.kv.dtype])
         if magic != MAGIC or (layers, heads, head_dim, block_size, dtype_code) != want:
@@ -187,6 +217,8 @@ class KVConnector:
     def connect(self, peer: str, decode_tp: int, addresses: list[dict[int, tuple[str, int]]]) -> None:
         """Join the channels decode group `peer` opened for this rank (addresses[d][my rank] = (host, port))."""
         plan: TransferPlan = make_transfer_plan(self.num_kv_heads, self.tp_size, decode_tp)
+        for old in self.out.pop(peer, {}).values():  # re-wiring a pair replaces its channels
+            old.channel.close()
         chans = {}
         for d, slices in plan.sends_of(self.rank).items():
             host, port = addresses[d][self.rank]
@@ -214,8 +246,8 @@ class KVConnector:
                                    device=self.device)
                 table = torch.tensor([v for k, _, src in items for v in (k, int(src.numel()))], dtype=torch.int64,
                                      device=self.device)
-                ch.keep += [hdr, table]
-                ch.works += [ch.channel.send(hdr), ch.channel.send(table)]
+                ch.send(hdr)
+                ch.send(table)
 
     def on_layer(self, layer: int) -> None:
         for peer, src, _ in self.step_sends:
@@ -225,9 +257,7 @@ class KVConnector:
             blocks = self.kv[:, layer, src]  # [2, total, block_size, local heads, head_dim], gathered once
             for ch in chans.values():
                 parts = [blocks[:, :, :, s.src_start:s.src_start + s.num] for s in ch.slices]
-                buf = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=3)).contiguous()
-                ch.keep.append(buf)
-                ch.works.append(ch.channel.send(buf))
+                ch.send((parts[0] if len(parts) == 1 else torch.cat(parts, dim=3)).contiguous())
 
     def end_step(self, out: Any) -> dict[str, Any]:
         """Wait for this step's sends; returns {"sent": [ids], "failed": {id: error}}."""
@@ -238,6 +268,8 @@ class KVConnector:
             for d, ch in list((chans or {}).items()):
                 try:
                     self._complete(ch.works)
+                    if ch.error is not None:
+                        raise ChannelClosed(ch.error)
                 except Exception as e:
                     error = f"KV send to decode group {peer!r} rank {d} failed: {e}"
                     ch.channel.close()
@@ -260,6 +292,20 @@ class KVConnector:
                     ch.channel.close()
                     del self.out[peer][d]
         self.step_sends = []
+
+    def keepalive(self) -> None:
+        """Between steps: an empty step header on every outgoing channel, so that an idle pair's pre-posted
+        receive never reaches its timeout (the receiver skips it). A channel that cannot take it is dropped."""
+        for chans in self.out.values():
+            for d, ch in list(chans.items()):
+                hdr = torch.tensor([MAGIC, 0, self.kv.shape[1], 0, sum(s.num for s in ch.slices), self.kv.shape[5],
+                                    self.kv.shape[3], DTYPE_CODES[self.kv.dtype]], dtype=torch.int64,
+                                   device=self.device)
+                try:
+                    self._complete([ch.channel.send(hdr)])
+                except Exception:
+                    ch.channel.close()
+                    chans.pop(d)
 
     def _complete(self, works: list[Any]) -> None:
         """Wait on the host until the sends completed (NCCL's wait() alone only orders CUDA streams), within the

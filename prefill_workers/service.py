@@ -36,6 +36,9 @@ class PrefillService(wpb_grpc.PrefillWorkerServicer):
 
         try:
             await self.loop.acall(add)
+        except asyncio.CancelledError:  # it may have been added anyway: abort it (no-op if it was not)
+            self.loop.call(lambda eng: eng.abort_request(rid))
+            raise
         except EngineDead as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill worker {self.name}: {e}")
         except ValueError as e:

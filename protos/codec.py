@@ -12,6 +12,8 @@ from protos import worker_pb2 as wpb
 SAMPLING_DEFAULTS: dict[str, Any] = dict(max_tokens=16, temperature=1.0, top_k=0, top_p=1.0, seed=None, stop=(),
                                          stop_token_ids=(), ignore_eos=False, logprobs=None,
                                          skip_special_tokens=True)
+# A step or engine call running longer than this means the worker is stuck (no real step takes minutes).
+STUCK_S = 300.0
 _OPTIONAL = ("max_tokens", "temperature", "top_k", "top_p", "seed", "logprobs", "skip_special_tokens")
 
 
@@ -48,7 +50,11 @@ def load_message(name: str, loop: Any) -> wpb.WorkerLoad:
     """A worker's load from its engine loop's latest stats (`engine.engine_loop.EngineLoop`, duck-typed): no call
     into the loop, so polling never waits behind a step."""
     s, cfg = loop.stats, loop.engine.config
+    error = loop.error or ""
+    stuck = loop.stuck_for()
+    if not error and stuck > STUCK_S:
+        error = f"its engine has been inside one step or call for {stuck:.0f} s (a rank hung?)"
     return wpb.WorkerLoad(name=name, num_blocks=s.num_blocks, free_blocks=s.free_blocks,
                           block_size=cfg.cache.block_size, running=s.running, waiting=s.waiting + s.remote,
-                          prefix_cache_hit_rate=s.prefix_cache_hit_rate, healthy=loop.error is None,
-                          error=loop.error or "", max_num_seqs=cfg.scheduler.max_num_seqs)
+                          prefix_cache_hit_rate=s.prefix_cache_hit_rate, healthy=not error, error=error,
+                          max_num_seqs=cfg.scheduler.max_num_seqs)

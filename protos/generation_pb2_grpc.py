@@ -54,8 +54,10 @@ class GenerationServicer:
     def Generate(self, request, context):
         """Streams one completion: zero or more `chunk` messages as tokens are decoded, then exactly one `final`.
         Status codes: INVALID_ARGUMENT (bad sampling parameters, empty or too-long prompt, text prompt for a model
-        without a tokenizer, duplicate request id), RESOURCE_EXHAUSTED (the admission queue is full; retry later),
-        UNAVAILABLE (no healthy worker), DEADLINE_EXCEEDED (the call's deadline passed), CANCELLED (client closed).
+        without a tokenizer), ALREADY_EXISTS (the request id is in use by a live request), RESOURCE_EXHAUSTED (the
+        admission queue is full, or no KV room freed up in time; retry later), UNAVAILABLE (no healthy worker, or a
+        worker failed mid-request), DEADLINE_EXCEEDED (the call's deadline passed), CANCELLED (client closed),
+        INTERNAL (a bug in the server; the message says where).
         A request that ends early for any of these frees its KV blocks on every worker.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

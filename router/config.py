@@ -18,6 +18,10 @@ class RouterConfig:
     queue_timeout_s: float = 120.0
     # The KV of a prompt and its first token must reach the decode group within this after reservation.
     transfer_timeout_s: float = 60.0
+    # Prompt tokens a prefill worker may hold at once (queued or computing; one prompt always fits): beyond this,
+    # requests wait in the router's line instead of in the worker's queue, where their decode reservations would
+    # idle and their transfer deadlines run.
+    prefill_inflight_tokens: int = 16384
     # How often worker load (free blocks, queue lengths, health) is polled.
     load_poll_interval_s: float = 0.2
     # Routing of prompts to prefill workers: longest cached prefix then load ("cache_aware"), or by load alone.
@@ -36,5 +40,7 @@ class RouterConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.routing_policy not in POLICIES:
             raise ValueError(f"routing_policy must be one of {POLICIES}, got {self.routing_policy!r}")
+        if self.prefill_inflight_tokens < 1:
+            raise ValueError(f"prefill_inflight_tokens must be >= 1, got {self.prefill_inflight_tokens}")
         if self.balance_abs_threshold < 0:
             raise ValueError(f"balance_abs_threshold must be >= 0, got {self.balance_abs_threshold}")

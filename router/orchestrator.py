@@ -11,6 +11,7 @@ blocks everywhere.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 from collections.abc import AsyncIterator
@@ -38,7 +39,9 @@ from router.worker_api import (
 from router.workers import Worker, WorkerPool
 
 log = logging.getLogger("kvrelay.router")
-PREFILL_ATTEMPTS = 2
+PREFILL_ATTEMPTS = 3
+# A decode group answers a reservation in milliseconds; one that does not within this is treated as down.
+RESERVE_TIMEOUT_S = 10.0
 
 __all__ = ["Chunk", "Final", "Orchestrator"]
 
@@ -65,17 +68,25 @@ class Orchestrator:
         self.block_size = first.block_size if first is not None else 16
 
     # ---- placement ----------------------------------------------------------------------------------------
-    def _pick_prefill(self, hashes: list[int]) -> Worker:
-        cached = {w.name: w.index.match(hashes) for w in self.pool.prefill if w.index is not None}
-        view = self.policy.pick_prefill([w.view for w in self.pool.prefill], cached)
-        if view is None:
+    def _pick_prefill(self, hashes: list[int], prompt_len: int) -> Worker | None:
+        """A prefill worker with room in its queue (in-flight prompt tokens under the budget, so the prompts it
+        holds are a few steps of work and their decode reservations do not wait long), or None when every
+        healthy one is full. Raises UNAVAILABLE when none is healthy."""
+        healthy = [w for w in self.pool.prefill if w.view.healthy]
+        if not healthy:
             errors = "; ".join(w.error for w in self.pool.prefill if w.error)
             raise RequestError(UNAVAILABLE, f"no healthy prefill worker ({errors})")
-        return next(w for w in self.pool.prefill if w.view is view)
+        budget = self.config.prefill_inflight_tokens
+        room = [w for w in healthy if w.view.inflight_tokens == 0 or w.view.inflight_tokens + prompt_len <= budget]
+        cached = {w.name: w.index.match(hashes) for w in room if w.index is not None}
+        view = self.policy.pick_prefill([w.view for w in room], cached)
+        return next((w for w in room if w.view is view), None)
 
     async def _reserve(self, rid: str, spec: RequestSpec, hashes: list[int]) -> _Placement | None:
         """One attempt: a prefill worker, and a decode group with room for the prompt's KV; None if none has."""
-        p = self._pick_prefill(hashes)
+        p = self._pick_prefill(hashes, len(spec.prompt_ids))
+        if p is None:
+            return None
         ranked = self.policy.rank_decode([w.view for w in self.pool.decode])
         if not ranked:
             errors = "; ".join(w.error for w in self.pool.decode if w.error)
@@ -87,7 +98,12 @@ class Orchestrator:
                                      self.config.transfer_timeout_s)
             events = stream.__aiter__()
             try:
-                first = await events.__anext__()
+                first = await asyncio.wait_for(events.__anext__(), RESERVE_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                stream.cancel()
+                self.pool.mark_unhealthy(d, f"decode group {d.name} did not answer a reservation within "
+                                            f"{RESERVE_TIMEOUT_S:.0f} s")
+                continue
             except WorkerError as e:
                 if e.code == RESOURCE_EXHAUSTED:
                     d.view.free_blocks = 0  # until the next poll says otherwise
@@ -130,8 +146,13 @@ class Orchestrator:
     async def _prefill_only(self, rid: str, spec: RequestSpec, hashes: list[int],
                             out: ClientStream) -> AsyncIterator[Chunk]:
         """One token: nothing to decode, the prefill worker alone answers."""
-        outcome = await self._prefill(self._pick_prefill(hashes), rid, spec, hashes, decode_group="")
-        out.cached_tokens = outcome.cached_tokens
+
+        async def pick() -> Worker | None:
+            return self._pick_prefill(hashes, len(spec.prompt_ids))
+
+        p, queued_s = await self.room.acquire(pick, self.config.queue_timeout_s)
+        outcome = await self._prefill(p, rid, spec, hashes, decode_group="")
+        out.queued_ms, out.cached_tokens = queued_s * 1e3, outcome.cached_tokens
         if not out.add(outcome.first_token, outcome.logprob):
             out.finish(outcome.finish_reason)
         if (c := out.chunk()) is not None:
@@ -148,14 +169,19 @@ class Orchestrator:
                     yield c
                 return
             assert isinstance(d.client, DecodeClient)
+            # The first token goes to the client and to the decode group at once: its RPC must not delay TTFT.
+            first_set = asyncio.ensure_future(d.client.set_first_token(rid, outcome.first_token))
             try:
-                await d.client.set_first_token(rid, outcome.first_token)
-            except WorkerError as e:
-                raise RequestError(UNAVAILABLE, f"decode group {d.name} lost the request: {e.details}") from None
-            if (c := out.chunk()) is not None:
-                yield c  # the first token reaches the client while the decode group admits the request
-            async for c in relay(placement.events, d.name, out):
-                yield c
+                if (c := out.chunk()) is not None:
+                    yield c
+                try:
+                    await first_set
+                except WorkerError as e:
+                    raise RequestError(UNAVAILABLE, await _lost_reason(placement, e)) from None
+                async for c in relay(placement.events, d.name, out):
+                    yield c
+            finally:
+                first_set.cancel()
         finally:
             placement.stream.cancel()  # no-op once finished; otherwise the decode group frees the blocks now
             d.view.inflight -= 1
@@ -190,8 +216,9 @@ class Orchestrator:
     async def _place_and_prefill(self, rid: str, spec: RequestSpec,
                                  hashes: list[int]) -> tuple[_Placement, PrefillOutcome, float]:
         """Reserve on a decode group and prefill into it. A prefill that fails for want of its worker (it died,
-        or its transfer broke) is retried once on a fresh placement, the failed worker checked first so a dead
-        one is routed around: nothing has reached the client yet, so a retry is invisible to it."""
+        or its transfer broke) is retried on a fresh placement, up to PREFILL_ATTEMPTS times: the failed worker is
+        polled first, so a dead one is routed around, and a live one has its KV channels to that group re-wired.
+        Nothing has reached the client yet, so a retry is invisible to it."""
         queued = 0.0
         for attempt in range(PREFILL_ATTEMPTS):
             arid = rid if attempt == 0 else f"{rid}.retry{attempt}"  # the old id may still be aborting
@@ -208,8 +235,9 @@ class Orchestrator:
                 self.room.notify()
                 if not (isinstance(e, RequestError) and e.code == UNAVAILABLE) or attempt == PREFILL_ATTEMPTS - 1:
                     raise
-                await self.pool.check(placement.prefill)
                 log.warning("request %s: %s; retrying", rid, e.message)
+                if await self.pool.check(placement.prefill):  # alive: the pair's KV channel may be what broke
+                    await self.pool.rewire(placement.prefill, placement.decode)
         raise AssertionError("unreachable")
 
     async def _prefill(self, p: Worker, rid: str, spec: RequestSpec, hashes: list[int],
@@ -217,6 +245,7 @@ class Orchestrator:
         assert isinstance(p.client, PrefillClient) and p.index is not None
         p.index.insert(hashes)
         p.view.inflight += 1
+        p.view.inflight_tokens += len(spec.prompt_ids)
         try:
             return await p.client.prefill(rid, spec.prompt_ids, spec.params, decode_group)
         except WorkerError as e:
@@ -225,3 +254,17 @@ class Orchestrator:
             raise RequestError(UNAVAILABLE, f"prefill on {p.name} failed: {e.details}") from None
         finally:
             p.view.inflight -= 1
+            p.view.inflight_tokens -= len(spec.prompt_ids)
+            self.room.notify()  # its queue has room again
+
+
+async def _lost_reason(placement: _Placement, e: WorkerError) -> str:
+    """Why the decode group no longer had the request when its first token came: its stream says (e.g. the
+    transfer deadline passed); fall back to the SetFirstToken error."""
+    try:
+        ev = await asyncio.wait_for(placement.events.__anext__(), 2.0)
+        if isinstance(ev, Finished) and ev.error:
+            return f"decode group {placement.decode.name} dropped the request: {ev.error}"
+    except (asyncio.TimeoutError, StopAsyncIteration, WorkerError):
+        pass
+    return f"decode group {placement.decode.name} lost the request: {e.details}"

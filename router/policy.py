@@ -18,6 +18,7 @@ class WorkerView:
     name: str
     healthy: bool = True
     inflight: int = 0  # requests the router has on it now
+    inflight_tokens: int = 0  # prompt tokens the router has on it now (prefill workers)
     free_blocks: int = 0
     num_blocks: int = 0
     running: int = 0

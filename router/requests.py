@@ -20,8 +20,9 @@ class ModelLimits:
     model: str
     architecture: str
     vocab_size: int
-    max_model_len: int  # prompt + generated tokens at most (already capped by the workers' KV pools)
+    max_model_len: int  # prompt + generated tokens at most (already capped by the decode groups' KV pools)
     eos_token_ids: tuple[int, ...]
+    max_prompt_len: int | None = None  # prompt tokens at most (a prefill worker's pool); None = max_model_len - 1
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,9 @@ def validate(prompt: str | list[int] | None, sampling: dict[str, Any], request_i
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {limits.vocab_size})")
     if not ids:
         raise ValueError("the prompt is empty")
+    if limits.max_prompt_len is not None and len(ids) > limits.max_prompt_len:
+        raise ValueError(f"the prompt has {len(ids)} tokens; at most {limits.max_prompt_len} fit a prefill worker's "
+                         "KV cache in this deployment")
     if len(ids) + params.max_tokens > limits.max_model_len:
         if len(ids) >= limits.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens; at most {limits.max_model_len - 1} fit this "

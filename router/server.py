@@ -3,6 +3,7 @@ server reflection. Maps request failures to status codes with messages that say 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import uuid
@@ -40,15 +41,22 @@ class GenerationService(public_api.GenerationServicer):
             self.orch.metrics.failed("INVALID_ARGUMENT")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if spec.request_id in self.live:
-            self.orch.metrics.failed("INVALID_ARGUMENT")
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"request id {spec.request_id!r} is already in use by a live request")
+            self.orch.metrics.failed("ALREADY_EXISTS")
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                                f"request id {spec.request_id!r} is already in use by a live request: pick another "
+                                "or leave it empty")
         self.live.add(spec.request_id)
         try:
             async for item in self.orch.generate(spec):
                 yield public_api.response(item)
         except RequestError as e:
             await context.abort(getattr(grpc.StatusCode, e.code), e.message)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as e:  # a bug, not the client's fault: say so, keep serving
+            log.exception("request %s failed", spec.request_id)
+            self.orch.metrics.failed("INTERNAL")
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in the router: {type(e).__name__}: {e}")
         finally:
             self.live.discard(spec.request_id)
 
@@ -73,10 +81,15 @@ class RouterServer:
         channels belong to the running loop, so they are made here."""
         self.pool = WorkerPool(*self.specs, poll_interval_s=self.config.load_poll_interval_s)
         await self.pool.start(worker_timeout_s)
-        # A request must fit the model and the smallest KV pool it may be placed in.
-        pools = [w.load.num_blocks * w.load.block_size for w in self.pool.all if w.load is not None]
+        # A request (prompt + completion) must fit the model and the smallest decode pool; a prompt must also
+        # fit the smallest prefill pool (a prefill worker holds the prompt only).
+        def pool_tokens(workers: list) -> list[int]:
+            return [w.load.num_blocks * w.load.block_size for w in workers if w.load is not None]
+
+        prefill_pools = pool_tokens(self.pool.prefill)
         limits = ModelLimits(os.path.basename(os.path.normpath(self.model.model_dir)), self.model.architecture,
-                             self.model.vocab_size, min([max_model_len, *pools]), tuple(self.model.eos_token_ids))
+                             self.model.vocab_size, min([max_model_len, *pool_tokens(self.pool.decode)]),
+                             tuple(self.model.eos_token_ids), min(prefill_pools) - 1 if prefill_pools else None)
         self.orch = Orchestrator(self.config, self.pool, self.tokenizer)
         info = public_api.model_info(limits, self.tokenizer is not None, len(self.pool.prefill),
                                      len(self.pool.decode), self.pool.decode[0].spec.tensor_parallel_size)

@@ -76,13 +76,24 @@ class WorkerPool:
         """KV channels: each decode group listens for each prefill worker, which then connects."""
         for p in self.prefill:
             for d in self.decode:
-                if d.name in p.wired:
-                    continue
-                assert isinstance(d.client, DecodeClient) and isinstance(p.client, PrefillClient)
-                channels = await d.client.listen(p.name, p.spec.tensor_parallel_size)
-                await p.client.connect(d.name, d.spec.tensor_parallel_size, channels)
-                p.wired.add(d.name)
-                log.info("KV channels %s -> %s ready (%d)", p.name, d.name, len(channels))
+                if d.name not in p.wired:
+                    await self._wire_pair(p, d)
+
+    async def _wire_pair(self, p: Worker, d: Worker) -> None:
+        assert isinstance(d.client, DecodeClient) and isinstance(p.client, PrefillClient)
+        channels = await d.client.listen(p.name, p.spec.tensor_parallel_size)
+        await p.client.connect(d.name, d.spec.tensor_parallel_size, channels)
+        p.wired.add(d.name)
+        log.info("KV channels %s -> %s ready (%d)", p.name, d.name, len(channels))
+
+    async def rewire(self, p: Worker, d: Worker) -> None:
+        """Replace a pair's KV channels (after a transfer between them failed); errors are logged, not raised:
+        the next transfer on the pair fails again and the request is retried or reported."""
+        p.wired.discard(d.name)
+        try:
+            await self._wire_pair(p, d)
+        except WorkerError as e:
+            log.warning("re-wiring KV channels %s -> %s failed: %s", p.name, d.name, e)
 
     async def _poll(self, w: Worker) -> bool:
         try:
@@ -103,7 +114,10 @@ class WorkerPool:
 
     async def _poll_loop(self) -> None:
         while True:
-            await asyncio.gather(*(self._poll(w) for w in self.all))
+            try:
+                await asyncio.gather(*(self._poll(w) for w in self.all))
+            except Exception:  # never let one bad poll freeze every worker's load and health for good
+                log.exception("polling worker load failed")
             await asyncio.sleep(self.poll_interval_s)
 
     async def check(self, w: Worker) -> bool:

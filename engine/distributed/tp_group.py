@@ -15,6 +15,8 @@ import torch.distributed as dist
 
 from engine.distributed.parallel_state import TensorParallelState, set_tensor_parallel
 
+CONTROL_TIMEOUT_S = 30 * 24 * 3600.0
+
 
 class TPGroup:
     """This rank's membership in its tensor-parallel group. Mutates: the process's torch.distributed world."""
@@ -22,10 +24,14 @@ class TPGroup:
     def __init__(self, rank: int, size: int, init_method: str, use_cuda: bool, timeout_s: float = 600.0) -> None:
         self.rank, self.size = rank, size
         timeout = datetime.timedelta(seconds=timeout_s)
+        # Ranks > 0 wait in the control broadcast for as long as rank 0 has nothing to run: that wait must not
+        # time out (a dead peer still shows at once: gloo sees its connection close). The NCCL group keeps the
+        # short timeout: it only ever waits inside a step.
+        control = datetime.timedelta(seconds=CONTROL_TIMEOUT_S)
         dist.init_process_group("nccl" if use_cuda else "gloo", init_method=init_method, rank=rank,
-                                world_size=size, timeout=timeout)
+                                world_size=size, timeout=timeout if use_cuda else control)
         self.device_group = dist.group.WORLD
-        self.cpu_group = dist.new_group(backend="gloo", timeout=timeout) if use_cuda else dist.group.WORLD
+        self.cpu_group = dist.new_group(backend="gloo", timeout=control) if use_cuda else dist.group.WORLD
         set_tensor_parallel(TensorParallelState(rank, size, self.device_group))
 
     def broadcast_from_rank0(self, obj: Any) -> Any:

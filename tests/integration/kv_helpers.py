@@ -62,3 +62,9 @@ class DyingConnector(KVConnector):
                         w.wait()
             os._exit(17)
         super().on_layer(layer)
+
+
+class ShortIdleConnector(KVConnector):
+    """Receivers give up on a silent sender after 2 s (instead of an hour), so tests can see idle expiry."""
+
+    idle_timeout_s = 2.0

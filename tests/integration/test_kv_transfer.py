@@ -109,3 +109,31 @@ def test_bad_expect_releases_reservation_and_keeps_ranks(llama_dir):
         assert run_until_done(d, {"local"})["local"].finish_reason == "length"
     finally:
         d.shutdown()
+
+
+@pytest.mark.parametrize("keepalive", [True, False])
+def test_idle_channel_lives_on_keepalives(llama_dir, reference, keepalive):
+    """An idle pair's pending receive times out (here after 2 s) unless the sender's keepalive headers arrive."""
+    p = engine(llama_dir, num_blocks=32, extension="kv_helpers:ShortIdleConnector")
+    d = engine(llama_dir, tp=2, num_blocks=32, extension="kv_helpers:ShortIdleConnector")
+    try:
+        wire(p, "pk", d, "dk")
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 3.0:  # idle for longer than the receivers' timeout
+            if keepalive:
+                p.keepalive()
+            time.sleep(0.5)
+        if keepalive:
+            outs = disaggregated_generate(p, d, prompts(2), GREEDY, prefill_name="pk", decode_name="dk")
+            assert [outs[f"req{i}"].token_ids for i in range(2)] == reference[:2]
+        else:
+            with pytest.raises(AssertionError, match="abort"):  # the transfer fails, not the prefill engine
+                disaggregated_generate(p, d, prompts(1), GREEDY, prefill_name="pk", decode_name="dk")
+            run_until_done(d, set(), max_steps=1)
+            wire(p, "pk", d, "dk")  # re-wiring the pair replaces its dead channels
+            outs = disaggregated_generate(p, d, prompts(2), GREEDY, prefill_name="pk", decode_name="dk")
+            assert [outs[f"req{i}"].token_ids for i in range(2)] == reference[:2]
+        assert d.num_free_blocks == 32 and p.num_free_blocks == 32
+    finally:
+        p.shutdown()
+        d.shutdown()

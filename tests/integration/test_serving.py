@@ -164,7 +164,7 @@ def test_duplicate_live_request_id(client, served):
         next(iter(s))
         with pytest.raises(KvrelayError) as e:
             client.generate("Return a list of", request_id="dup", max_tokens=4)
-        assert e.value.code == "INVALID_ARGUMENT" and "already in use" in e.value.details
+        assert e.value.code == "ALREADY_EXISTS" and "already in use" in e.value.details
     served.wait_all_free()
     assert client.generate("Return a list of", request_id="dup", max_tokens=2).request_id == "dup"
 

@@ -80,3 +80,20 @@ def test_decode_group_dying_mid_stream_ends_the_stream(system):
     while prefill[0].loop.stats.free_blocks != prefill[0].loop.stats.num_blocks:
         assert time.monotonic() < deadline
         time.sleep(0.02)
+
+
+def test_broken_kv_channel_is_rewired_and_the_request_retried(system, llama_dir):
+    prefill, decode, router, client = system
+    prompt = [9, 10, 11, 12] * 4
+    (ref,) = LLM(llama_dir, max_model_len=256).generate([prompt], SamplingParams(**GREEDY))
+
+    def break_channels(eng):  # both workers live on, but their KV channels to d0 are gone
+        for ch in eng.executor.extension.out["d0"].values():
+            ch.channel.close()
+
+    for w in prefill:
+        w.loop.call(break_channels).result(10)
+    for _ in range(2):  # whichever worker it lands on: the failed transfer is retried after re-wiring
+        assert client.generate(prompt, **GREEDY).token_ids == ref.token_ids
+    assert all(w.view.healthy for w in router.pool.prefill)
+    wait_free(decode)
