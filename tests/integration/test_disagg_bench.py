@@ -22,3 +22,19 @@ def test_disagg_vs_agg_dry_run(tmp_path):
         assert 1 <= len(row["points"]) <= 2
         assert row["best_rate"] is not None and row["goodput"] <= row["request_throughput"] + 1e-9
     assert "vs aggregated" in r.stdout.splitlines()[-5]
+
+
+def test_serving_overhead_dry_run(tmp_path):
+    pytest.importorskip("ray")
+    out = tmp_path / "so.json"
+    r = subprocess.run([sys.executable, "-m", "bench.serving_overhead", "--device", "cpu", "--shape", "tiny",
+                        "--requests", "12", "--concurrency", "3", "--input-len", "24", "--output-len", "6",
+                        "--warmup", "1", "--max-model-len", "256", "--num-blocks", "64", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    s = rep["serving"]
+    assert s["completed"] == 12 and s["total_output_tokens"] == 12 * 6
+    assert rep["engine_output_tok_s"] > 0 and rep["serving_vs_engine"] == s["output_throughput"] / \
+        rep["engine_output_tok_s"]
+    assert "served/alone" in r.stdout
