@@ -42,6 +42,7 @@ class DecodeLeader:
         service = DecodeService(name, self.loop)
         self.server = AsyncServerThread(lambda s: add_to_server(s, service), bind_host, port, name)
         self.port = self.server.start()
+        self.loop.deliver_on(self.server.loop)
         self.address = f"{advertise_host or bind_host}:{self.port}"
         self.stopped = False
 

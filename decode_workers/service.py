@@ -38,7 +38,6 @@ class DecodeService(wpb_grpc.DecodeGroupServicer):
             params = SamplingParams(**codec.sampling_kwargs(request.sampling))
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        aio = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
 
         def reserve(eng: LLMEngine) -> tuple[list[int] | None, int]:
@@ -46,7 +45,7 @@ class DecodeService(wpb_grpc.DecodeGroupServicer):
                                                 request.prefill_tensor_parallel_size,
                                                 timeout_s=request.transfer_timeout_s or 30.0)
             if blocks is not None:
-                self.loop.subscribe(rid, lambda o: aio.call_soon_threadsafe(outputs.put_nowait, o))
+                self.loop.subscribe(rid, outputs.put_nowait)  # runs on this server's loop (deliver_on)
             return blocks, eng.num_free_blocks
 
         try:
@@ -70,12 +69,11 @@ class DecodeService(wpb_grpc.DecodeGroupServicer):
     async def Generate(self, request: wpb.LocalRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[wpb.DecodeEvent]:
         rid = request.request_id
-        aio = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
 
         def add(eng: LLMEngine) -> None:
             eng.add_request(rid, list(request.prompt_token_ids), params)
-            self.loop.subscribe(rid, lambda o: aio.call_soon_threadsafe(outputs.put_nowait, o))
+            self.loop.subscribe(rid, outputs.put_nowait)  # runs on this server's loop (deliver_on)
 
         try:
             params = SamplingParams(**codec.sampling_kwargs(request.sampling))
@@ -99,10 +97,15 @@ class DecodeService(wpb_grpc.DecodeGroupServicer):
             if first is not None:
                 yield first
             while not finished:
-                out = await outputs.get()
+                # Everything that arrived while the last message was being sent goes out as one message: under
+                # load, fewer and larger messages; when idle, each token as soon as it exists.
+                batch = [await outputs.get()]
+                while not batch[-1].finished and not outputs.empty():
+                    batch.append(outputs.get_nowait())
+                out = batch[-1]
                 finished = out.finished
-                if out.new_token_ids:
-                    yield wpb.DecodeEvent(tokens=tokens_message(out))
+                if any(o.new_token_ids for o in batch):
+                    yield wpb.DecodeEvent(tokens=tokens_message(batch))
                 if finished:
                     yield wpb.DecodeEvent(finished=wpb.DecodeFinished(
                         finish_reason=out.finish_reason or "abort", error=out.error or "",
@@ -125,11 +128,14 @@ class DecodeService(wpb_grpc.DecodeGroupServicer):
         return codec.load_message(self.name, self.loop)
 
 
-def tokens_message(out: RequestOutput) -> wpb.DecodeTokens:
-    n = len(out.new_token_ids)
-    msg = wpb.DecodeTokens(start_index=len(out.token_ids) - n, token_ids=out.new_token_ids)
-    if out.logprobs:
-        msg.logprobs.extend(codec.logprob_message(lp.logprob, lp.top) for lp in out.logprobs[-n:])
+def tokens_message(batch: list[RequestOutput]) -> wpb.DecodeTokens:
+    """The new tokens of consecutive outputs of one request (the last one's cumulative lists cover them all)."""
+    last = batch[-1]
+    new = [t for o in batch for t in o.new_token_ids]
+    msg = wpb.DecodeTokens(start_index=len(last.token_ids) - len(new), token_ids=new)
+    if last.logprobs:  # the first token's logprob is the prefill worker's: the list may be one short
+        msg.logprobs.extend(codec.logprob_message(lp.logprob, lp.top)
+                            for lp in last.logprobs[-min(len(new), len(last.logprobs)):])
     return msg
 
 

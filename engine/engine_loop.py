@@ -61,6 +61,7 @@ class EngineLoop:
             queue.SimpleQueue()
         self._wake = threading.Event()
         self._sinks: dict[str, Callable[[RequestOutput], None]] = {}
+        self._aio: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self.error: str | None = None
         self.busy_since: float | None = None  # when the running step or call began
@@ -84,10 +85,22 @@ class EngineLoop:
         return await asyncio.wrap_future(self.call(fn))
 
     def subscribe(self, request_id: str, sink: Callable[[RequestOutput], None]) -> None:
-        """Deliver the request's outputs to `sink` (called on the loop thread; it must be quick and thread-safe,
-        e.g. `loop.call_soon_threadsafe(queue.put_nowait, ...)`). Call it from inside `call` so no output is
-        missed; the sink is dropped after the request's finished output."""
+        """Deliver the request's outputs to `sink`: on the asyncio loop given to `deliver_on` (one hand-over per
+        step for all requests), else on the loop thread (then it must be quick and thread-safe). Call it from
+        inside `call` so no output is missed; the sink is dropped after the request's finished output."""
         self._sinks[request_id] = sink
+
+    def deliver_on(self, aio_loop: asyncio.AbstractEventLoop) -> None:
+        """Run sinks on this asyncio loop: a step's outputs cross threads in one `call_soon_threadsafe`, not one
+        per request (each is a wake-up of the loop)."""
+        self._aio = aio_loop
+
+    def _deliver(self, pairs: list[tuple[Callable[[RequestOutput], None], RequestOutput]]) -> None:
+        if pairs:
+            if self._aio is not None:
+                self._aio.call_soon_threadsafe(_run_sinks, pairs)
+            else:
+                _run_sinks(pairs)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop stepping and shut the engine down (its tensor-parallel ranks too)."""
@@ -121,13 +134,12 @@ class EngineLoop:
                 self.busy_since = None
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        pairs = []
         for out in outputs:
             sink = self._sinks.pop(out.request_id, None) if out.finished else self._sinks.get(out.request_id)
             if sink is not None:
-                try:
-                    sink(out)
-                except Exception:
-                    log.exception("output sink of request %s failed", out.request_id)
+                pairs.append((sink, out))
+        self._deliver(pairs)
 
     def _run(self) -> None:
         eng = self.engine
@@ -176,11 +188,8 @@ class EngineLoop:
 
     def _end_all(self, error: str) -> None:
         """End every subscribed request with an "abort" output carrying `error`."""
-        for rid, sink in list(self._sinks.items()):
-            try:
-                sink(RequestOutput(rid, [], [], "", [], "", finished=True, finish_reason="abort", error=error))
-            except Exception:
-                pass
+        self._deliver([(sink, RequestOutput(rid, [], [], "", [], "", finished=True, finish_reason="abort",
+                                            error=error)) for rid, sink in self._sinks.items()])
         self._sinks.clear()
 
     def _fail_calls(self) -> None:
@@ -191,3 +200,11 @@ class EngineLoop:
                 return
             if fut.set_running_or_notify_cancel():
                 fut.set_exception(EngineDead(self.error or "engine stopped"))
+
+
+def _run_sinks(pairs: list[tuple[Callable[[RequestOutput], None], RequestOutput]]) -> None:
+    for sink, out in pairs:
+        try:
+            sink(out)
+        except Exception:
+            log.exception("output sink of request %s failed", out.request_id)

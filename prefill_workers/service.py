@@ -27,12 +27,11 @@ class PrefillService(wpb_grpc.PrefillWorkerServicer):
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         transfer = {"peer": request.decode_group} if request.decode_group else None
-        aio = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
 
         def add(eng: LLMEngine) -> None:
             eng.add_request(rid, list(request.prompt_token_ids), params, transfer=transfer)
-            self.loop.subscribe(rid, lambda o: aio.call_soon_threadsafe(outputs.put_nowait, o))
+            self.loop.subscribe(rid, outputs.put_nowait)  # runs on this server's loop (deliver_on)
 
         try:
             await self.loop.acall(add)

@@ -25,6 +25,7 @@ class PrefillWorker:
         service = PrefillService(name, self.loop)
         self.server = AsyncServerThread(lambda s: add_to_server(s, service), bind_host, port, name)
         self.port = self.server.start()
+        self.loop.deliver_on(self.server.loop)
         self.address = f"{advertise_host or bind_host}:{self.port}"
         self.stopped = False
 

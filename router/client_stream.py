@@ -92,8 +92,10 @@ async def relay(events: AsyncIterator[Tokens | Finished], group: str, out: Clien
         async for ev in events:
             if isinstance(ev, Tokens):
                 out.landed_ms = out.landed_ms or out.ms()
+                lp_off = len(ev.token_ids) - len(ev.logprobs)  # logprobs cover the last tokens (not the first)
                 for i, tok in enumerate(ev.token_ids):
-                    if ev.start_index + i >= out.received and out.add(tok, ev.logprobs[i] if ev.logprobs else None):
+                    lp = ev.logprobs[i - lp_off] if ev.logprobs and i >= lp_off else None
+                    if ev.start_index + i >= out.received and out.add(tok, lp):
                         break
             elif isinstance(ev, Finished):
                 if ev.finish_reason == "abort":

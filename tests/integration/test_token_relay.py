@@ -1,0 +1,47 @@
+"""Decode events carry coalesced tokens and their logprobs aligned; the router's relay skips the first token (it
+came from the prefill worker) and pairs every later token with its own logprob."""
+
+from __future__ import annotations
+
+import asyncio
+
+from decode_workers.service import tokens_message
+from engine.outputs import Logprob, RequestOutput
+from engine.sampling_params import SamplingParams
+from protos import codec
+from router.client_stream import ClientStream, relay
+from router.requests import RequestSpec
+from router.worker_api import Finished, Tokens
+
+
+def output(tokens: list[int], new: int, lps: int) -> RequestOutput:
+    """Cumulative `tokens`, the last `new` of them new; logprobs for all but the first (as on a decode group)."""
+    return RequestOutput("r", [1, 2], tokens, "", tokens[-new:], "",
+                         logprobs=[Logprob(t, -0.1 * t, [(t, -0.1 * t)]) for t in tokens[len(tokens) - lps:]])
+
+
+def test_coalesced_outputs_keep_logprobs_aligned():
+    # admission emits the first token (no logprob here), then two decode steps coalesce with it
+    msg = tokens_message([output([10], 1, 0), output([10, 11], 1, 1), output([10, 11, 12], 1, 2)])
+    assert msg.start_index == 0 and list(msg.token_ids) == [10, 11, 12]
+    assert [round(x.logprob, 3) for x in msg.logprobs] == [-1.1, -1.2]  # the last two tokens'
+    msg = tokens_message([output([10, 11, 12, 13], 1, 3)])
+    assert msg.start_index == 3 and list(msg.token_ids) == [13] and round(msg.logprobs[0].logprob, 3) == -1.3
+
+
+def test_relay_skips_the_first_token_and_pairs_logprobs():
+    spec = RequestSpec("r", [1, 2], SamplingParams(max_tokens=8, logprobs=1))
+    out = ClientStream(spec, None)
+    out.add(10, (-1.0, [(10, -1.0)]))  # the first token, from the prefill worker
+
+    async def events():
+        msg = tokens_message([output([10], 1, 0), output([10, 11], 1, 1), output([10, 11, 12], 1, 2)])
+        yield Tokens(msg.start_index, list(msg.token_ids), [codec.logprob_fields(x) for x in msg.logprobs])
+        yield Finished("length", "")
+
+    async def run():
+        return [c async for c in relay(events(), "g", out)]
+
+    chunks = asyncio.run(run())
+    assert [t for c in chunks for t in c.token_ids] == [10, 11, 12] and out.reason == "length"
+    assert [(lp.token_id, round(lp.logprob, 3)) for lp in out.state.logprobs] == [(10, -1.0), (11, -1.1), (12, -1.2)]
