@@ -49,10 +49,7 @@ class DecodeService(wpb_grpc.DecodeGroupServicer):
             return blocks, eng.num_free_blocks
 
         try:
-            blocks, free = await self.loop.acall(reserve)
-        except asyncio.CancelledError:  # the reservation may have run anyway: undo it (no-op if it did not)
-            self.loop.call(lambda eng: eng.abort_request(rid))
-            raise
+            blocks, free = await self.loop.astart(rid, reserve)
         except EngineDead as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"decode group {self.name}: {e}")
         except ValueError as e:
@@ -77,10 +74,7 @@ class DecodeService(wpb_grpc.DecodeGroupServicer):
 
         try:
             params = SamplingParams(**codec.sampling_kwargs(request.sampling))
-            await self.loop.acall(add)
-        except asyncio.CancelledError:  # it may have been added anyway: abort it (no-op if it was not)
-            self.loop.call(lambda eng: eng.abort_request(rid))
-            raise
+            await self.loop.astart(rid, add)
         except EngineDead as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"decode group {self.name}: {e}")
         except ValueError as e:

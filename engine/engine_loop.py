@@ -84,6 +84,16 @@ class EngineLoop:
     async def acall(self, fn: Callable[[LLMEngine], T]) -> T:
         return await asyncio.wrap_future(self.call(fn))
 
+    async def astart(self, request_id: str, fn: Callable[[LLMEngine], T]) -> T:
+        """`acall` for a call that starts request `request_id` (adds or reserves it): if the awaiting task is
+        cancelled (the client went away), the call may still have run on the loop thread, so the request is
+        aborted (a no-op if it never started) and no blocks stay held."""
+        try:
+            return await self.acall(fn)
+        except asyncio.CancelledError:
+            self.call(lambda eng: eng.abort_request(request_id))
+            raise
+
     def subscribe(self, request_id: str, sink: Callable[[RequestOutput], None]) -> None:
         """Deliver the request's outputs to `sink`: on the asyncio loop given to `deliver_on` (one hand-over per
         step for all requests), else on the loop thread (then it must be quick and thread-safe). Call it from

@@ -34,10 +34,7 @@ class PrefillService(wpb_grpc.PrefillWorkerServicer):
             self.loop.subscribe(rid, outputs.put_nowait)  # runs on this server's loop (deliver_on)
 
         try:
-            await self.loop.acall(add)
-        except asyncio.CancelledError:  # it may have been added anyway: abort it (no-op if it was not)
-            self.loop.call(lambda eng: eng.abort_request(rid))
-            raise
+            await self.loop.astart(rid, add)
         except EngineDead as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill worker {self.name}: {e}")
         except ValueError as e:
