@@ -57,4 +57,10 @@ def load_message(name: str, loop: Any) -> wpb.WorkerLoad:
     return wpb.WorkerLoad(name=name, num_blocks=s.num_blocks, free_blocks=s.free_blocks,
                           block_size=cfg.cache.block_size, running=s.running, waiting=s.waiting + s.remote,
                           prefix_cache_hit_rate=s.prefix_cache_hit_rate, healthy=not error, error=error,
-                          max_num_seqs=cfg.scheduler.max_num_seqs)
+                          max_num_seqs=cfg.scheduler.max_num_seqs, num_preemptions=_preemptions(loop.engine))
+
+
+def _preemptions(engine: Any) -> int:
+    """The scheduler's running count (an int read from another thread: atomic in CPython); 0 for an engine
+    without one."""
+    return int(getattr(getattr(engine, "scheduler", None), "num_preemptions", 0) or 0)

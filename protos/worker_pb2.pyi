@@ -152,7 +152,7 @@ class LoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("name", "num_blocks", "free_blocks", "block_size", "running", "waiting", "prefix_cache_hit_rate", "healthy", "error", "max_num_seqs")
+    __slots__ = ("name", "num_blocks", "free_blocks", "block_size", "running", "waiting", "prefix_cache_hit_rate", "healthy", "error", "max_num_seqs", "num_preemptions")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -163,6 +163,7 @@ class WorkerLoad(_message.Message):
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_blocks: int
     free_blocks: int
@@ -173,4 +174,5 @@ class WorkerLoad(_message.Message):
     healthy: bool
     error: str
     max_num_seqs: int
-    def __init__(self, name: _Optional[str] = ..., num_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., healthy: _Optional[bool] = ..., error: _Optional[str] = ..., max_num_seqs: _Optional[int] = ...) -> None: ...
+    num_preemptions: int
+    def __init__(self, name: _Optional[str] = ..., num_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., healthy: _Optional[bool] = ..., error: _Optional[str] = ..., max_num_seqs: _Optional[int] = ..., num_preemptions: _Optional[int] = ...) -> None: ...
