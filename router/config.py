@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 POLICIES = ("cache_aware", "least_loaded", "round_robin")
 
@@ -29,6 +30,19 @@ class RouterConfig:
     # Cache-aware routing yields to load balance when the best-cached worker has this many more requests in
     # flight than the least loaded one (SGLang's router does the same to avoid hot spots).
     balance_abs_threshold: int = 16
+    # The OpenAI-compatible HTTP API (and /health, /metrics) on this port of `host`; None = gRPC only.
+    http_port: int | None = None
+    # Clients of either API must send this as `Authorization: Bearer KEY`; None = no check. Never logged.
+    api_key: str | None = field(default=None, repr=False)
+    # PEM files: when given, both APIs serve TLS only.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    # The model's name in the OpenAI API (`model` of requests, /v1/models); None = the model directory's name.
+    served_model_name: str | None = None
+    # A Jinja chat template file replacing the model's own (tokenizer_config.json or chat_template.jinja).
+    chat_template: str | None = None
+    # How often the router logs its one-line stats at info level; 0 = never.
+    stats_log_interval_s: float = 10.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -44,3 +58,20 @@ class RouterConfig:
             raise ValueError(f"prefill_inflight_tokens must be >= 1, got {self.prefill_inflight_tokens}")
         if self.balance_abs_threshold < 0:
             raise ValueError(f"balance_abs_threshold must be >= 0, got {self.balance_abs_threshold}")
+        if self.http_port is not None and not 0 <= self.http_port < 65536:
+            raise ValueError(f"http_port must be in [0, 65535], got {self.http_port}")
+        if self.http_port is not None and self.http_port and self.http_port == self.port:
+            raise ValueError(f"http_port and port must differ, both are {self.port}")
+        if self.api_key is not None and (not self.api_key or not self.api_key.isprintable() or
+                                         self.api_key != self.api_key.strip()):
+            raise ValueError("api_key must be a non-empty printable string without surrounding whitespace")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both tls_cert and tls_key (PEM files), or neither")
+        for name in ("tls_cert", "tls_key", "chat_template"):
+            path = getattr(self, name)
+            if path is not None and not os.path.isfile(path):
+                raise ValueError(f"{name} {path!r} is not a file")
+        if self.served_model_name is not None and not self.served_model_name.strip():
+            raise ValueError("served_model_name must not be empty")
+        if self.stats_log_interval_s < 0:
+            raise ValueError(f"stats_log_interval_s must be >= 0, got {self.stats_log_interval_s}")

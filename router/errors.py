@@ -1,15 +1,23 @@
 """Request failures the router reports to clients, as a status name and a message that says what to fix.
-The server maps the names to gRPC status codes; nothing below the server needs gRPC for this."""
+The gRPC server maps the names to status codes and the HTTP front to HTTP statuses; nothing below the two fronts
+needs gRPC or HTTP for this."""
 
 from __future__ import annotations
 
 INVALID_ARGUMENT = "INVALID_ARGUMENT"
+ALREADY_EXISTS = "ALREADY_EXISTS"
+NOT_FOUND = "NOT_FOUND"
+UNAUTHENTICATED = "UNAUTHENTICATED"
 RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
 UNAVAILABLE = "UNAVAILABLE"
+CANCELLED = "CANCELLED"  # the client went away (or its deadline passed) before the request finished
 INTERNAL = "INTERNAL"
 
 
 class RequestError(Exception):
-    def __init__(self, code: str, message: str) -> None:
+    """`param` names the offending request field when there is one (the HTTP front reports it)."""
+
+    def __init__(self, code: str, message: str, param: str | None = None) -> None:
         super().__init__(message)
-        self.code, self.message = code, message
+        self.code, self.message, self.param = code, message, param
+        self.counted = False  # in the metrics already (whoever counts a failure sets this)

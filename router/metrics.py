@@ -1,40 +1,142 @@
-"""The router's counters (pure Python): what it served, how, and how fast; logged and returned by `snapshot`."""
+"""The router's Prometheus metrics, named after vLLM's under a `kvrelay:` prefix (docs/operations.md lists them),
+plus running totals for the periodic stats log line and `snapshot`.
+
+Each router owns its registry, so several routers in one process (tests) never share counters. Request metrics
+are observed by the orchestrator when a request ends; per-worker gauges and the preemption counter are fed by the
+worker pool's load poll."""
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass, field
+import time
+from collections import Counter as PyCounter
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Latency buckets (s): vLLM's TTFT buckets, which also cover queue, e2e and transfer times on CPU and GPU alike.
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                   20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
+               0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+BYTES_BUCKETS = tuple(float(1 << k) for k in range(10, 36, 2))  # 1 KiB .. 32 GiB
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-@dataclass
 class RouterMetrics:
-    """Mutates: its counters. Totals since start."""
+    """Mutates: its Prometheus metrics and totals (since start)."""
 
-    requests: Counter = field(default_factory=Counter)  # by outcome: a finish reason, or an error status name
-    prompt_tokens: int = 0
-    cached_prompt_tokens: int = 0
-    completion_tokens: int = 0
-    ttft_ms_sum: float = 0.0
-    first_tokens: int = 0
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.ttft = Histogram("kvrelay:time_to_first_token_seconds", "Time from the router receiving a request to "
+                              "its first token", buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("kvrelay:inter_token_latency_seconds", "Gaps between a request's consecutive token "
+                             "chunks as the router streams them", buckets=ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("kvrelay:e2e_request_latency_seconds", "Time from the router receiving a request to "
+                             "its end", buckets=LATENCY_BUCKETS, registry=r)
+        self.queue = Histogram("kvrelay:request_queue_time_seconds", "Time a request waited in the router's line "
+                               "for KV room or a prefill slot", buckets=LATENCY_BUCKETS, registry=r)
+        self.transfer_time = Histogram("kvrelay:kv_transfer_time_seconds", "From sending a prompt to its prefill "
+                                       "worker until the decode group has its whole KV (prefill and the layer-by-"
+                                       "layer transfer overlap)", buckets=LATENCY_BUCKETS, registry=r)
+        self.transfer_bytes = Histogram("kvrelay:kv_transfer_bytes", "KV bytes of a request's prompt sent to its "
+                                        "decode group (blocks the group already held are not sent: an upper "
+                                        "bound)", buckets=BYTES_BUCKETS, registry=r)
+        self.success = Counter("kvrelay:request_success", "Requests finished, by finish reason",
+                               ["finished_reason"], registry=r)
+        self.errors = Counter("kvrelay:request_errors", "Requests failed or refused, by status",
+                              ["status"], registry=r)
+        self.prompt_tokens = Counter("kvrelay:prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.generation_tokens = Counter("kvrelay:generation_tokens", "Tokens generated for finished requests",
+                                         registry=r)
+        self.cache_queries = Counter("kvrelay:prefix_cache_queries", "Prompt tokens looked up in a prefix cache "
+                                     "(finished requests)", registry=r)
+        self.cache_hits = Counter("kvrelay:prefix_cache_hits", "Prompt tokens served from a prefix cache "
+                                  "(finished requests)", registry=r)
+        self.transfer_failures = Counter("kvrelay:kv_transfer_failures", "KV transfers that failed (the request "
+                                         "was retried or failed)", registry=r)
+        self.preemptions = Counter("kvrelay:num_preemptions", "Requests the workers' schedulers preempted",
+                                   registry=r)
+        self.retries = Counter("kvrelay:request_retries", "Prefills retried on a fresh placement", registry=r)
+        self.running = Gauge("kvrelay:num_requests_running", "Requests a worker is computing", ["worker"],
+                             registry=r)
+        self.waiting = Gauge("kvrelay:num_requests_waiting", "Requests queued on a worker (decode: reserved, "
+                             "awaiting their KV)", ["worker"], registry=r)
+        self.kv_usage = Gauge("kvrelay:kv_cache_usage_perc", "Share of a worker's KV blocks in use (1 = full)",
+                              ["worker"], registry=r)
+        self.requests: PyCounter[str] = PyCounter()  # by outcome: a finish reason, or an error status name
+        self.totals = PyCounter()  # prompt, cached and completion tokens; ttft_s sum and count
+        self._preempted: dict[str, int] = {}  # worker -> its count at the last poll
+        self._last_log = (time.monotonic(), PyCounter())
 
-    def finished(self, reason: str, prompt: int, cached: int, completion: int, ttft_ms: float | None) -> None:
+    # ---- requests -----------------------------------------------------------------------------------------
+    def finished(self, reason: str, prompt: int, cached: int, completion: int, ttft_s: float | None,
+                 queue_s: float, e2e_s: float, itl_s: list[float]) -> None:
         self.requests[reason] += 1
-        self.prompt_tokens += prompt
-        self.cached_prompt_tokens += cached
-        self.completion_tokens += completion
-        if ttft_ms is not None:
-            self.ttft_ms_sum += ttft_ms
-            self.first_tokens += 1
+        self.success.labels(reason).inc()
+        self.prompt_tokens.inc(prompt)
+        self.generation_tokens.inc(completion)
+        self.cache_queries.inc(prompt)
+        self.cache_hits.inc(cached)
+        self.totals.update(prompt=prompt, cached=cached, completion=completion)
+        if ttft_s is not None:
+            self.ttft.observe(ttft_s)
+            self.totals.update(ttft_s=ttft_s, first_tokens=1)
+        self.queue.observe(queue_s)
+        self.e2e.observe(e2e_s)
+        for gap in itl_s:
+            self.itl.observe(gap)
 
     def failed(self, status: str) -> None:
         self.requests[status] += 1
+        self.errors.labels(status).inc()
 
-    def snapshot(self) -> dict:
+    def transferred(self, seconds: float, nbytes: int) -> None:
+        self.transfer_time.observe(seconds)
+        self.transfer_bytes.observe(nbytes)
+
+    def transfer_failed(self) -> None:
+        self.transfer_failures.inc()
+
+    def retried(self) -> None:
+        self.retries.inc()
+
+    # ---- workers (the load poll) --------------------------------------------------------------------------
+    def worker_load(self, name: str, running: int, waiting: int, num_blocks: int, free_blocks: int,
+                    preemptions: int) -> None:
+        self.running.labels(name).set(running)
+        self.waiting.labels(name).set(waiting)
+        self.kv_usage.labels(name).set(1.0 - free_blocks / num_blocks if num_blocks else 0.0)
+        last = self._preempted.get(name)
+        # A restarted worker counts from 0 again: count what it reports anew, never a negative step.
+        step = preemptions - last if last is not None and preemptions >= last else preemptions
+        if step:
+            self.preemptions.inc(step)
+        self._preempted[name] = preemptions
+
+    # ---- reading ------------------------------------------------------------------------------------------
+    def exposition(self) -> bytes:
+        """The Prometheus text format of every metric (served on /metrics)."""
+        return generate_latest(self.registry)
+
+    def snapshot(self) -> dict[str, Any]:
+        t = self.totals
         return {
             "requests": dict(self.requests),
-            "prompt_tokens": self.prompt_tokens,
-            "cached_prompt_tokens": self.cached_prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "prefix_cache_hit_rate": self.cached_prompt_tokens / self.prompt_tokens if self.prompt_tokens else 0.0,
-            "mean_ttft_ms": self.ttft_ms_sum / self.first_tokens if self.first_tokens else 0.0,
+            "prompt_tokens": t["prompt"], "cached_prompt_tokens": t["cached"], "completion_tokens": t["completion"],
+            "prefix_cache_hit_rate": t["cached"] / t["prompt"] if t["prompt"] else 0.0,
+            "mean_ttft_ms": 1e3 * t["ttft_s"] / t["first_tokens"] if t["first_tokens"] else 0.0,
         }
+
+    def stats_line(self, running: int, waiting: int, queued: int) -> str:
+        """One line for the periodic info log: throughput since the previous line, load now, totals."""
+        now = time.monotonic()
+        then, before = self._last_log
+        dt = max(now - then, 1e-9)
+        t = self.totals
+        self._last_log = (now, PyCounter(t))
+        ok = sum(n for k, n in self.requests.items() if k in ("stop", "length"))
+        failed = sum(self.requests.values()) - ok
+        return (f"stats: prompt {(t['prompt'] - before['prompt']) / dt:.1f} tok/s, generation "
+                f"{(t['completion'] - before['completion']) / dt:.1f} tok/s; {running} running, {waiting} waiting "
+                f"on workers, {queued} in the router's line; prefix cache hit "
+                f"{100 * t['cached'] / t['prompt'] if t['prompt'] else 0.0:.1f}%; {ok} finished, {failed} failed")

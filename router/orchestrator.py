@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from engine.tokenizer import Tokenizer
 from router.admission import WaitingRoom
 from router.client_stream import Chunk, ClientStream, Final, relay
 from router.config import RouterConfig
-from router.errors import INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE, RequestError
+from router.errors import CANCELLED, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE, RequestError
 from router.metrics import RouterMetrics
 from router.policy import RoutingPolicy
 from router.prefix_index import block_hashes
@@ -53,16 +54,19 @@ class _Placement:
     decode: Worker
     stream: DecodeStream
     events: AsyncIterator[Reserved | Tokens | Finished]
+    prefill_start: float = 0.0  # time.monotonic() when the prompt went to the prefill worker
 
 
 class Orchestrator:
     """Mutates: worker views (in-flight counts), prefix indexes, the waiting room and the metrics."""
 
-    def __init__(self, config: RouterConfig, pool: WorkerPool, tokenizer: Tokenizer | None) -> None:
+    def __init__(self, config: RouterConfig, pool: WorkerPool, tokenizer: Tokenizer | None,
+                 metrics: RouterMetrics | None = None, kv_bytes_per_token: int = 0) -> None:
         self.config, self.pool, self.tokenizer = config, pool, tokenizer
+        self.kv_bytes_per_token = kv_bytes_per_token  # of the prompt KV a transfer moves (for the metrics)
         self.policy = RoutingPolicy(config.routing_policy, config.balance_abs_threshold)
         self.room = WaitingRoom(config.max_queued_requests)
-        self.metrics = RouterMetrics()
+        self.metrics = metrics or RouterMetrics()
         self._ids = itertools.count()
         first = pool.all[0].load
         self.block_size = first.block_size if first is not None else 16
@@ -132,15 +136,26 @@ class Orchestrator:
             chunks = self._prefill_only(rid, spec, hashes, out)
         else:
             chunks = self._disaggregated(rid, spec, hashes, out)
+        gaps: list[float] = []  # between consecutive token chunks, as the client receives them
+        last = 0.0
         try:
             async for c in chunks:
+                if c.token_ids:
+                    now = time.monotonic()
+                    if last:
+                        gaps.append(now - last)
+                    last = now
                 yield c
         except RequestError as e:
             self.metrics.failed(e.code)
             raise
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away or its deadline passed
+            self.metrics.failed(CANCELLED)
+            raise
         final = out.final()
         self.metrics.finished(final.finish_reason, final.prompt_tokens, final.cached_prompt_tokens,
-                              final.completion_tokens, final.first_token_ms)
+                              final.completion_tokens, final.first_token_ms / 1e3 if final.completion_tokens else None,
+                              final.queued_ms / 1e3, final.total_ms / 1e3, gaps)
         yield final
 
     async def _prefill_only(self, rid: str, spec: RequestSpec, hashes: list[int],
@@ -180,6 +195,14 @@ class Orchestrator:
                     raise RequestError(UNAVAILABLE, await _lost_reason(placement, e)) from None
                 async for c in relay(placement.events, d.name, out):
                     yield c
+                if out.landed_ms:
+                    landed = spec.arrival + out.landed_ms / 1e3
+                    self.metrics.transferred(landed - placement.prefill_start,
+                                             len(spec.prompt_ids) * self.kv_bytes_per_token)
+            except RequestError:
+                if not out.landed_ms:  # the decode group gave up before the KV landed: the transfer failed
+                    self.metrics.transfer_failed()
+                raise
             finally:
                 first_set.cancel()
         finally:
@@ -226,6 +249,7 @@ class Orchestrator:
                                                         self.config.queue_timeout_s)
             queued += waited
             placement.decode.view.inflight += 1
+            placement.prefill_start = time.monotonic()
             try:
                 outcome = await self._prefill(placement.prefill, arid, spec, hashes, placement.decode.name)
                 return placement, outcome, queued
@@ -236,7 +260,9 @@ class Orchestrator:
                 if not (isinstance(e, RequestError) and e.code == UNAVAILABLE) or attempt == PREFILL_ATTEMPTS - 1:
                     raise
                 log.warning("request %s: %s; retrying", rid, e.message)
+                self.metrics.retried()
                 if await self.pool.check(placement.prefill):  # alive: the pair's KV channel may be what broke
+                    self.metrics.transfer_failed()
                     await self.pool.rewire(placement.prefill, placement.decode)
         raise AssertionError("unreachable")
 

@@ -4,9 +4,9 @@ server reflection. Maps request failures to status codes with messages that say 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,47 +18,30 @@ from engine.config import ModelConfig
 from engine.tokenizer import Tokenizer
 from protos.serving import SERVER_OPTIONS
 from router import public_api
+from router.auth import ApiKeyInterceptor
 from router.config import RouterConfig
 from router.errors import RequestError
+from router.intake import Intake
+from router.metrics import RouterMetrics
 from router.orchestrator import Orchestrator
-from router.requests import ModelLimits, validate
+from router.requests import ModelLimits
 from router.workers import WorkerPool, WorkerSpec
 
 log = logging.getLogger("kvrelay.router")
 
 
 class GenerationService(public_api.GenerationServicer):
-    def __init__(self, orchestrator: Orchestrator, limits: ModelLimits, info: Any) -> None:
-        self.orch, self.limits, self.info = orchestrator, limits, info
-        self.live: set[str] = set()
+    def __init__(self, intake: Intake, info: Any) -> None:
+        self.intake, self.info = intake, info
 
     async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         prompt, sampling, rid = public_api.parse(request)
         try:
-            spec = validate(prompt, sampling, rid or f"req-{uuid.uuid4().hex[:16]}", self.limits,
-                            self.orch.tokenizer)
-        except ValueError as e:
-            self.orch.metrics.failed("INVALID_ARGUMENT")
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        if spec.request_id in self.live:
-            self.orch.metrics.failed("ALREADY_EXISTS")
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
-                                f"request id {spec.request_id!r} is already in use by a live request: pick another "
-                                "or leave it empty")
-        self.live.add(spec.request_id)
-        try:
-            async for item in self.orch.generate(spec):
+            spec = await self.intake.admit(prompt, sampling, rid)
+            async for item in self.intake.run(spec):
                 yield public_api.response(item)
         except RequestError as e:
             await context.abort(getattr(grpc.StatusCode, e.code), e.message)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as e:  # a bug, not the client's fault: say so, keep serving
-            log.exception("request %s failed", spec.request_id)
-            self.orch.metrics.failed("INTERNAL")
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in the router: {type(e).__name__}: {e}")
-        finally:
-            self.live.discard(spec.request_id)
 
     async def GetModelInfo(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return self.info
@@ -74,12 +57,20 @@ class RouterServer:
         self.pool: WorkerPool | None = None
         self.tokenizer = Tokenizer.from_model_dir(model.model_dir)
         self.server: grpc.aio.Server | None = None
+        self.http = None  # router.http.server.HttpServer when config.http_port is set
         self.port = 0
+        self.http_port: int | None = None
+        self.metrics = RouterMetrics()
+        self.serving = False
+        self._stats_task: asyncio.Task | None = None
 
     async def start(self, max_model_len: int, worker_timeout_s: float = 300.0) -> int:
         """Wait for the workers, wire their KV channels, then serve; returns the bound port. The pool's gRPC
         channels belong to the running loop, so they are made here."""
-        self.pool = WorkerPool(*self.specs, poll_interval_s=self.config.load_poll_interval_s)
+        m = self.metrics
+        self.pool = WorkerPool(*self.specs, poll_interval_s=self.config.load_poll_interval_s, on_load=lambda load: (
+            m.worker_load(load.name, load.running, load.waiting, load.num_blocks, load.free_blocks,
+                          load.num_preemptions)))
         await self.pool.start(worker_timeout_s)
         # A request (prompt + completion) must fit the model and the smallest decode pool; a prompt must also
         # fit the smallest prefill pool (a prefill worker holds the prompt only).
@@ -90,26 +81,72 @@ class RouterServer:
         limits = ModelLimits(os.path.basename(os.path.normpath(self.model.model_dir)), self.model.architecture,
                              self.model.vocab_size, min([max_model_len, *pool_tokens(self.pool.decode)]),
                              tuple(self.model.eos_token_ids), min(prefill_pools) - 1 if prefill_pools else None)
-        self.orch = Orchestrator(self.config, self.pool, self.tokenizer)
+        self.orch = Orchestrator(self.config, self.pool, self.tokenizer, self.metrics, _kv_bytes_per_token(self.model))
+        self.intake = Intake(self.orch, limits)
         info = public_api.model_info(limits, self.tokenizer is not None, len(self.pool.prefill),
                                      len(self.pool.decode), self.pool.decode[0].spec.tensor_parallel_size)
-        self.server = grpc.aio.server(options=SERVER_OPTIONS)
-        public_api.add_to_server(GenerationService(self.orch, limits, info), self.server)
+        key = self.config.api_key
+        interceptors = [ApiKeyInterceptor(key, self.metrics.failed)] if key is not None else []
+        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
+        public_api.add_to_server(GenerationService(self.intake, info), self.server)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (public_api.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), self.server)
         wanted = f"{self.config.host}:{self.config.port}"
-        self.port = self.server.add_insecure_port(wanted)
+        if self.config.tls_cert is not None and self.config.tls_key is not None:
+            with open(self.config.tls_key, "rb") as k, open(self.config.tls_cert, "rb") as c:
+                creds = grpc.ssl_server_credentials([(k.read(), c.read())])
+            self.port = self.server.add_secure_port(wanted, creds)
+        else:
+            self.port = self.server.add_insecure_port(wanted)
         if not self.port:
             raise OSError(f"could not bind the router to {wanted} (port in use?)")
+        if self.config.http_port is not None:
+            await self._start_http(limits)
         await self.server.start()
         await self._set_health(True)
-        log.info("router serving on %s", self.port)
+        if self.config.stats_log_interval_s:
+            self._stats_task = asyncio.create_task(self._log_stats(self.config.stats_log_interval_s))
+        log.info("router serving gRPC on %s%s", self.port,
+                 f", HTTP on {self.http_port}" if self.http_port is not None else "")
         return self.port
 
+    async def _start_http(self, limits: ModelLimits) -> None:
+        from router.http.app import build_app  # FastAPI and uvicorn only load for a router that serves HTTP
+        from router.http.chat_template import ChatTemplate
+        from router.http.frontend import Frontend
+        from router.http.logprobs import TokenTexts
+        from router.http.server import HttpServer
+
+        template = ChatTemplate.load(self.model.model_dir, self.config.chat_template, self.tokenizer,
+                                     self.model.bos_token_id, tuple(self.model.eos_token_ids))
+        front = Frontend(self.intake, self.config.served_model_name or limits.model, template,
+                         self.model.bos_token_id, TokenTexts(self.tokenizer), self.config.api_key, self.health_state)
+        self.http = HttpServer(build_app(front), self.config.host, self.config.http_port or 0, self.config.tls_cert,
+                               self.config.tls_key)
+        self.http_port = await self.http.start()
+
+    def health_state(self) -> tuple[bool, str]:
+        """(serving, why not): serving needs a healthy decode group, and a healthy prefill worker if any."""
+        if not self.serving or self.pool is None:
+            return False, "the router is not serving (starting or stopping)"
+        for kind, workers in (("prefill worker", self.pool.prefill), ("decode group", self.pool.decode)):
+            if workers and not any(w.view.healthy for w in workers):
+                return False, f"no healthy {kind}: " + "; ".join(w.error for w in workers if w.error)
+        return True, ""
+
+    async def _log_stats(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            assert self.pool is not None
+            views = [w.view for w in self.pool.all]
+            log.info("%s", self.metrics.stats_line(sum(v.running for v in views), sum(v.waiting for v in views),
+                                                   self.orch.room.waiting))
+
     async def _set_health(self, serving: bool) -> None:
+        self.serving = serving
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", public_api.SERVICE_NAME):
             r = self.health.set(service, status)
@@ -121,8 +158,20 @@ class RouterServer:
         await self.server.wait_for_termination()
 
     async def stop(self, grace_s: float = 2.0) -> None:
+        if self._stats_task is not None:
+            self._stats_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._stats_task
         if self.server is not None:
             await self._set_health(False)
             await self.server.stop(grace_s)
+        if self.http is not None:
+            await self.http.stop()
         if self.pool is not None:
             await self.pool.stop()
+
+
+def _kv_bytes_per_token(model: ModelConfig) -> int:
+    """Bytes of one token's KV across all layers (keys and values), as the workers store it."""
+    itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}.get(model.dtype, 4)
+    return 2 * model.num_layers * model.num_kv_heads * model.head_dim * itemsize

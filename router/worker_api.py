@@ -71,6 +71,7 @@ class Load:
     healthy: bool
     error: str
     max_num_seqs: int
+    num_preemptions: int = 0  # since the worker started
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ class ChannelAddress:
 
 def _load(msg: wpb.WorkerLoad) -> Load:
     return Load(msg.name, msg.num_blocks, msg.free_blocks, msg.block_size, msg.running, msg.waiting,
-                msg.prefix_cache_hit_rate, msg.healthy, msg.error, msg.max_num_seqs)
+                msg.prefix_cache_hit_rate, msg.healthy, msg.error, msg.max_num_seqs, msg.num_preemptions)
 
 
 class _Client:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from router.policy import WorkerView
@@ -41,7 +42,8 @@ class Worker:
 class WorkerPool:
     """Mutates: workers' views (load polls, health) and prefix indexes."""
 
-    def __init__(self, prefill: list[WorkerSpec], decode: list[WorkerSpec], poll_interval_s: float = 0.2) -> None:
+    def __init__(self, prefill: list[WorkerSpec], decode: list[WorkerSpec], poll_interval_s: float = 0.2,
+                 on_load: Callable[[Load], None] | None = None) -> None:
         if not decode:
             raise ValueError("the router needs at least one decode group (and prefill workers, or none for "
                              "aggregated serving)")
@@ -51,6 +53,7 @@ class WorkerPool:
         self.prefill = [Worker(s, PrefillClient(s.address), WorkerView(s.name)) for s in prefill]
         self.decode = [Worker(s, DecodeClient(s.address), WorkerView(s.name)) for s in decode]
         self.poll_interval_s = poll_interval_s
+        self.on_load = on_load  # sees every polled load (the router's per-worker gauges)
         self._poller: asyncio.Task | None = None
 
     @property
@@ -104,6 +107,8 @@ class WorkerPool:
             w.view.healthy, w.error = False, f"{w.name} is unreachable ({e.code}: {e.details})"
             return False
         w.load = load
+        if self.on_load is not None:
+            self.on_load(load)
         v = w.view
         v.free_blocks, v.num_blocks, v.running, v.waiting = load.free_blocks, load.num_blocks, load.running, \
             load.waiting

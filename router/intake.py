@@ -1,0 +1,84 @@
+"""The one path every public request takes into the orchestrator, whichever front (gRPC or HTTP) it came by:
+validate and tokenize (off the event loop), refuse a request id already live, run it, and turn whatever goes
+wrong into a `RequestError` whose status and message the front reports. Both fronts call `admit` then `run`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from engine.tokenizer import Tokenizer
+from router.client_stream import Chunk, Final
+from router.errors import ALREADY_EXISTS, INTERNAL, INVALID_ARGUMENT, RequestError
+from router.metrics import RouterMetrics
+from router.orchestrator import Orchestrator
+from router.requests import ModelLimits, RequestSpec, validate
+
+log = logging.getLogger("kvrelay.router")
+
+
+class Intake:
+    """Mutates: the set of live request ids (and, through the orchestrator, everything a request touches)."""
+
+    def __init__(self, orchestrator: Orchestrator, limits: ModelLimits) -> None:
+        self.orch, self.limits = orchestrator, limits
+        self.live: set[str] = set()
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        return self.orch.tokenizer
+
+    @property
+    def metrics(self) -> RouterMetrics:
+        return self.orch.metrics
+
+    async def admit(self, prompt: str | list[int] | None, sampling: dict[str, Any],
+                    request_id: str = "") -> RequestSpec:
+        """A validated request, its id now live; RequestError(INVALID_ARGUMENT | ALREADY_EXISTS) otherwise.
+        Text is tokenized on a thread: a long prompt must not stall every other stream on this loop."""
+        rid = request_id or f"req-{uuid.uuid4().hex[:16]}"
+        try:
+            if isinstance(prompt, str):
+                spec = await asyncio.to_thread(validate, prompt, sampling, rid, self.limits, self.tokenizer)
+            else:
+                spec = validate(prompt, sampling, rid, self.limits, self.tokenizer)
+        except (ValueError, TypeError) as e:
+            raise self.refused(RequestError(INVALID_ARGUMENT, str(e))) from None
+        if spec.request_id in self.live:
+            raise self.refused(RequestError(ALREADY_EXISTS, f"request id {spec.request_id!r} is already in use by "
+                                            "a live request: pick another or leave it empty"))
+        self.live.add(spec.request_id)
+        return spec
+
+    def release(self, spec: RequestSpec) -> None:
+        """Forget an admitted request that will not be run (its sibling failed to admit)."""
+        self.live.discard(spec.request_id)
+
+    def refused(self, e: RequestError) -> RequestError:
+        """Count a request refused before it reached the orchestrator (bad input, bad key, unknown model) once;
+        returns `e`."""
+        if not e.counted:
+            self.orch.metrics.failed(e.code)
+            e.counted = True
+        return e
+
+    async def run(self, spec: RequestSpec) -> AsyncIterator[Chunk | Final]:
+        """The admitted request's chunks, then its Final. Raises RequestError; a bug in the router becomes
+        INTERNAL (logged, counted) and the server keeps serving. Closing this early cancels the request."""
+        try:
+            async for item in self.orch.generate(spec):
+                yield item
+        except RequestError as e:
+            e.counted = True  # the orchestrator counted it
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as e:
+            log.exception("request %s failed", spec.request_id)
+            raise self.refused(RequestError(INTERNAL, f"internal error in the router: {type(e).__name__}: {e}")) \
+                from None
+        finally:
+            self.live.discard(spec.request_id)
