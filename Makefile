@@ -30,12 +30,14 @@ protos: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# The embedded default model, 1 prefill worker and 1 decode group of 2 tensor-parallel ranks, router on PORT.
+# The embedded default model, 1 prefill worker and 1 decode group of 2 tensor-parallel ranks, router on PORT (gRPC)
+# and HTTP_PORT (the OpenAI-compatible HTTP API, /health and /metrics).
 # Extra `kvrelay serve` flags go in SERVE_ARGS (e.g. SERVE_ARGS="--model /path/to/llama --decode-groups 2").
 PORT ?= 50051
+HTTP_PORT ?= 8000
 SERVE_ARGS ?=
 serve: $(STAMP)
-	$(BIN)/kvrelay serve --prefill-workers 1 --decode-groups 1 --decode-tp 2 --port $(PORT) $(SERVE_ARGS)
+	$(BIN)/kvrelay serve --prefill-workers 1 --decode-groups 1 --decode-tp 2 --port $(PORT) --http-port $(HTTP_PORT) $(SERVE_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -4,6 +4,7 @@ Each subcommand imports only what it needs: `generate` and `bench` never import 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 SERVE_FLAGS: list[tuple[str, type, str]] = [
@@ -30,6 +31,13 @@ SERVE_FLAGS: list[tuple[str, type, str]] = [
     ("routing-policy", str, "cache_aware | least_loaded | round_robin (default cache_aware)"),
     ("startup-timeout-s", float, "how long workers may take to load (default 600)"),
     ("log-level", str, "debug | info | warning | error (default warning)"),
+    ("http-port", int, "also serve the OpenAI-compatible HTTP API (and /health, /metrics) on this port"),
+    ("api-key", str, "clients must send 'Authorization: Bearer KEY' (HTTP and gRPC); also $KVRELAY_API_KEY"),
+    ("api-key-file", str, "read the API key from this file"),
+    ("tls-cert", str, "PEM certificate: serve both APIs over TLS (with --tls-key)"),
+    ("tls-key", str, "PEM private key of --tls-cert"),
+    ("served-model-name", str, "the model's name in the OpenAI API (default: the model directory's name)"),
+    ("chat-template", str, "Jinja chat template file (default: the model's own)"),
 ]
 
 
@@ -56,6 +64,8 @@ def _serve(args: argparse.Namespace) -> int:
                 kwargs[flag.replace("-", "_")] = value
         if args.no_prefix_caching:
             kwargs["enable_prefix_caching"] = False
+        if "api_key" not in kwargs and "api_key_file" not in kwargs and os.environ.get("KVRELAY_API_KEY"):
+            kwargs["api_key"] = os.environ["KVRELAY_API_KEY"]
         cfg = ServeConfig(**kwargs)
     except (OSError, ValueError, TypeError) as e:
         print(f"kvrelay serve: {e}", file=sys.stderr)

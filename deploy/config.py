@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from deploy import DEFAULT_MODEL_DIR
@@ -39,6 +39,14 @@ class ServeConfig:
     routing_policy: str = "cache_aware"
     startup_timeout_s: float = 600.0
     log_level: str = "warning"
+    # The public API's front door beyond gRPC (issue 10): OpenAI-compatible HTTP, API key, TLS, chat.
+    http_port: int | None = None  # None: gRPC only
+    api_key: str | None = field(default=None, repr=False)  # or api_key_file, or $KVRELAY_API_KEY (deploy.cli)
+    api_key_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    served_model_name: str | None = None
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         if not os.path.isfile(os.path.join(self.model, "config.json")):
@@ -56,12 +64,25 @@ class ServeConfig:
             raise ValueError(f"routing-policy must be one of {POLICIES}, got {self.routing_policy!r}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ValueError(f"log-level must be debug, info, warning or error, got {self.log_level!r}")
+        if self.api_key is not None and self.api_key_file is not None:
+            raise ValueError("give api-key or api-key-file, not both")
         self.router_config()  # validates the router's share
 
     def router_config(self) -> RouterConfig:
         return RouterConfig(host=self.host, port=self.port, max_queued_requests=self.max_queued_requests,
                             queue_timeout_s=self.queue_timeout_s, transfer_timeout_s=self.transfer_timeout_s,
-                            routing_policy=self.routing_policy)
+                            routing_policy=self.routing_policy, http_port=self.http_port, api_key=self._api_key(),
+                            tls_cert=self.tls_cert, tls_key=self.tls_key, served_model_name=self.served_model_name,
+                            chat_template=self.chat_template)
+
+    def _api_key(self) -> str | None:
+        if self.api_key_file is None:
+            return self.api_key
+        try:
+            with open(self.api_key_file) as f:
+                return f.read().strip()
+        except OSError as e:
+            raise ValueError(f"api-key-file {self.api_key_file!r} cannot be read: {e.strerror}") from None
 
     @classmethod
     def from_file(cls, path: str) -> dict[str, Any]:

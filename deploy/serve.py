@@ -25,6 +25,10 @@ async def run_router(cfg: ServeConfig, placed: Placed, stop: asyncio.Event | Non
     print(f"kvrelay is serving {placed.prefill_config.model.model_dir} on {host}:{port} "
           f"({len(placed.prefill)} prefill worker(s), {len(placed.decode)} decode group(s) of TP {cfg.decode_tp}, "
           f"{placed.device}). Try: kvrelay generate --target {host}:{port} \"Return a list of\"", flush=True)
+    if router.http_port is not None:
+        scheme = "https" if cfg.tls_cert else "http"
+        print(f"kvrelay: OpenAI-compatible API at {scheme}://{host}:{router.http_port}/v1 (metrics on /metrics)",
+              flush=True)
     try:
         await stop.wait()
     finally:
