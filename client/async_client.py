@@ -45,15 +45,22 @@ class AsyncStream:
 
 
 class AsyncClient:
-    def __init__(self, target: str = "localhost:50051", *, timeout: float | None = None) -> None:
+    """Keywords as `Client`'s."""
+
+    def __init__(self, target: str = "localhost:50051", *, timeout: float | None = None, api_key: str | None = None,
+                 tls: bool = False, ca_cert: str | None = None) -> None:
         self.target, self.timeout = target, timeout
-        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        creds = convert.credentials(tls, ca_cert)
+        self._channel = grpc.aio.secure_channel(target, creds, options=CHANNEL_OPTIONS) if creds is not None else \
+            grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         self._stub = convert.Stub(self._channel)
+        self._metadata = convert.metadata(api_key)
 
     def stream(self, prompt: str | list[int], *, request_id: str | None = None, timeout: float | None = None,
                **sampling: Any) -> AsyncStream:
         req = convert.generate_request(prompt, request_id, sampling)
-        return AsyncStream(self._stub.Generate(req, timeout=timeout if timeout is not None else self.timeout))
+        return AsyncStream(self._stub.Generate(req, timeout=timeout if timeout is not None else self.timeout,
+                                               metadata=self._metadata))
 
     async def generate(self, prompt: str | list[int], *, request_id: str | None = None,
                        timeout: float | None = None, **sampling: Any) -> Completion:
@@ -65,7 +72,7 @@ class AsyncClient:
 
     async def model_info(self, timeout: float | None = None) -> ModelInfo:
         try:
-            msg = await self._stub.GetModelInfo(convert.model_info_request(),
+            msg = await self._stub.GetModelInfo(convert.model_info_request(), metadata=self._metadata,
                                                 timeout=timeout if timeout is not None else self.timeout)
         except grpc.RpcError as e:
             raise KvrelayError.from_rpc(e) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from client.errors import KvrelayError
@@ -23,6 +24,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     p.add_argument("--json", action="store_true", help="print the whole completion as JSON at the end instead")
+    p.add_argument("--api-key", default=os.environ.get("KVRELAY_API_KEY"),
+                   help="the server's API key (default $KVRELAY_API_KEY)")
+    p.add_argument("--tls", action="store_true", help="connect over TLS (system roots)")
+    p.add_argument("--ca-cert", help="PEM certificate to trust for TLS (implies --tls)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos or None)
     try:
-        with Client(args.target, timeout=args.timeout) as client, client.stream(prompt, **sampling) as stream:
+        with Client(args.target, timeout=args.timeout, api_key=args.api_key, tls=args.tls,
+                    ca_cert=args.ca_cert) as client, client.stream(prompt, **sampling) as stream:
             chunks = []
             for chunk in stream:
                 chunks.append(chunk)

@@ -14,6 +14,25 @@ SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop"
 Stub = pb_grpc.GenerationStub
 
 
+def metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
+    """Call metadata carrying the API key, as the router checks it."""
+    return (("authorization", f"Bearer {api_key}"),) if api_key else None
+
+
+def credentials(tls: bool, ca_cert: str | None) -> Any:
+    """TLS channel credentials (trusting `ca_cert`, a PEM file, else the system's roots), or None for
+    plaintext."""
+    if not tls and ca_cert is None:
+        return None
+    import grpc
+
+    roots = None
+    if ca_cert is not None:
+        with open(ca_cert, "rb") as f:
+            roots = f.read()
+    return grpc.ssl_channel_credentials(root_certificates=roots)
+
+
 def generate_request(prompt: str | list[int], request_id: str | None, sampling: dict[str, Any]) -> pb.GenerateRequest:
     unknown = set(sampling) - set(SAMPLING_FIELDS)
     if unknown:

@@ -48,15 +48,23 @@ class Stream:
 
 
 class Client:
-    def __init__(self, target: str = "localhost:50051", *, timeout: float | None = None) -> None:
+    """`api_key`: sent as `authorization: Bearer KEY` metadata. `tls=True` (or a `ca_cert` PEM file to trust)
+    connects over TLS."""
+
+    def __init__(self, target: str = "localhost:50051", *, timeout: float | None = None, api_key: str | None = None,
+                 tls: bool = False, ca_cert: str | None = None) -> None:
         self.target, self.timeout = target, timeout
-        self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        creds = convert.credentials(tls, ca_cert)
+        self._channel = grpc.secure_channel(target, creds, options=CHANNEL_OPTIONS) if creds is not None else \
+            grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self._stub = convert.Stub(self._channel)
+        self._metadata = convert.metadata(api_key)
 
     def stream(self, prompt: str | list[int], *, request_id: str | None = None, timeout: float | None = None,
                **sampling: Any) -> Stream:
         req = convert.generate_request(prompt, request_id, sampling)
-        return Stream(self._stub.Generate(req, timeout=timeout if timeout is not None else self.timeout))
+        return Stream(self._stub.Generate(req, timeout=timeout if timeout is not None else self.timeout,
+                                          metadata=self._metadata))
 
     def generate(self, prompt: str | list[int], *, request_id: str | None = None, timeout: float | None = None,
                  **sampling: Any) -> Completion:
@@ -68,7 +76,7 @@ class Client:
 
     def model_info(self, timeout: float | None = None) -> ModelInfo:
         try:
-            msg = self._stub.GetModelInfo(convert.model_info_request(),
+            msg = self._stub.GetModelInfo(convert.model_info_request(), metadata=self._metadata,
                                           timeout=timeout if timeout is not None else self.timeout)
         except grpc.RpcError as e:
             raise KvrelayError.from_rpc(e) from None

@@ -19,6 +19,10 @@ class Chunk:
     text: str
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when logprobs was asked for
 
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
 
 @dataclass
 class Usage:
