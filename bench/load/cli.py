@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 
 from bench.load.config import (
@@ -33,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvrelay bench", description=DESCRIPTION, epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", metavar="HOST:PORT", default="localhost:50051", help="the kvrelay endpoint, host:port")
+    p.add_argument("--backend", choices=("kvrelay", "openai"), default="kvrelay",
+                   help="kvrelay: its gRPC API at --target; openai: any OpenAI-compatible server at --base-url")
+    p.add_argument("--base-url", metavar="URL", help="--backend openai: e.g. http://localhost:8000/v1")
+    p.add_argument("--model", metavar="NAME", help="--backend openai: the model to ask for (default: the first)")
+    p.add_argument("--api-key", metavar="KEY", default=os.environ.get("KVRELAY_API_KEY"),
+                   help="the server's API key (default $KVRELAY_API_KEY)")
     g = p.add_argument_group("load (open loop: --rate; closed loop: --concurrency)")
     g.add_argument("--rate", type=float, metavar="R",
                    help="open loop: requests per second (inf = all at once); with --sweep, the first rate tried "
@@ -117,15 +124,24 @@ def config_from_args(a: argparse.Namespace) -> BenchConfig:
     return BenchConfig(target=a.target, workload=workload, load=load,
                        sampling=SamplingConfig(ignore_eos=a.ignore_eos, temperature=a.temperature),
                        slo=SLO(a.slo_ttft_ms, a.slo_tpot_ms), sweep=sweep, timeout=a.timeout, out=a.out,
-                       plot_dir=a.plot, quiet=a.quiet)
+                       plot_dir=a.plot, quiet=a.quiet, backend=a.backend, base_url=a.base_url, model=a.model,
+                       api_key=a.api_key)
 
 
 async def _run(cfg: BenchConfig) -> int:
     from bench.load.command import run_bench
-    from client import AsyncClient  # the SDK pulls in grpc: imported only when a run really starts
 
-    async with AsyncClient(cfg.target) as client:
-        outcome = await run_bench(cfg, client)
+    if cfg.backend == "openai":
+        from bench.load.openai_backend import OpenAIClient
+
+        assert cfg.base_url is not None
+        async with OpenAIClient(cfg.base_url, cfg.model, cfg.api_key, cfg.workload.tokenizer) as oai:
+            outcome = await run_bench(cfg, oai)
+    else:
+        from client import AsyncClient  # the SDK pulls in grpc: imported only when a run really starts
+
+        async with AsyncClient(cfg.target, api_key=cfg.api_key) as client:
+            outcome = await run_bench(cfg, client)
     print(outcome.table, flush=True)
     # Failed requests are reported, not fatal; a run where none succeeded measured nothing, which is.
     return 0 if outcome.completed else 1
@@ -149,5 +165,5 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # e.g. KvrelayError from model_info: the endpoint is not there
         if not hasattr(e, "code"):
             raise
-        print(f"kvrelay bench: cannot use {cfg.target}: {e}", file=sys.stderr)
+        print(f"kvrelay bench: cannot use {cfg.endpoint}: {e}", file=sys.stderr)
         return 1

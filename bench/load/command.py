@@ -31,7 +31,7 @@ async def run_bench(cfg: BenchConfig, client: Any) -> Outcome:
     limits = ModelLimits(info.vocab_size, info.max_model_len, info.has_tokenizer)
     workload = build_workload(cfg.workload, limits)
     model = dataclasses.asdict(info) if dataclasses.is_dataclass(info) else dict(vars(info))
-    _note(cfg, f"kvrelay bench: {cfg.target} serves {info.model}; workload {workload.describe()}")
+    _note(cfg, f"kvrelay bench: {cfg.endpoint} serves {info.model}; workload {workload.describe()}")
     if cfg.sweep is not None:
         sweep = await run_sweep(client, workload, cfg)
         body, table = sweep_json(sweep), format_sweep_table(cfg, sweep)

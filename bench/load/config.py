@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bench.load.lengths import LengthDist
 
 WORKLOADS = ("random", "shared-prefix", "sharegpt")
+BACKENDS = ("kvrelay", "openai")
 DEFAULT_OUTPUT_LEN = 128  # generated workloads' output length when none is given
 
 
@@ -166,9 +167,19 @@ class BenchConfig:
     out: str | None = None
     plot_dir: str | None = None
     quiet: bool = False
+    backend: str = "kvrelay"  # "kvrelay": the gRPC SDK at `target`; "openai": /v1/completions at `base_url`
+    base_url: str | None = None  # e.g. http://localhost:8000/v1
+    model: str | None = None  # the OpenAI model name (default: the server's first)
+    api_key: str | None = field(default=None, repr=False)  # never written to the results
 
     def __post_init__(self) -> None:
-        if not self.target or ":" not in self.target:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.backend == "openai":
+            if not self.base_url or not self.base_url.startswith(("http://", "https://")):
+                raise ValueError("--backend openai needs --base-url http(s)://HOST:PORT/v1, got "
+                                 f"{self.base_url!r}")
+        elif not self.target or ":" not in self.target:
             raise ValueError(f"--target must be host:port, got {self.target!r}")
         if self.timeout is not None and not self.timeout > 0:
             raise ValueError(f"--timeout must be > 0 s, got {self.timeout}")
@@ -178,4 +189,10 @@ class BenchConfig:
                                  "--slo-tpot-ms")
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("api_key")
+        return d
+
+    @property
+    def endpoint(self) -> str:
+        return (self.base_url or "") if self.backend == "openai" else self.target

@@ -19,6 +19,12 @@ def error_code(exc: BaseException) -> str:
     return code if isinstance(code, str) else f"CLIENT_{type(exc).__name__}"
 
 
+def _tokens_in(chunk: Any) -> int:
+    """Tokens a chunk brought: the SDK's chunks carry their ids, an OpenAI SSE event a count."""
+    n = getattr(chunk, "num_tokens", None)
+    return n if isinstance(n, int) else len(chunk.token_ids)
+
+
 async def measure_request(client: Any, spec: RequestSpec, index: int, run_t0: float, sampling: dict[str, Any],
                           timeout: float | None = None) -> RequestRecord:
     """Stream `spec` on `client` (an `AsyncClient`), recording when each token-carrying chunk arrived.
@@ -35,9 +41,10 @@ async def measure_request(client: Any, spec: RequestSpec, index: int, run_t0: fl
         return rec
     try:
         async for chunk in stream:
-            if chunk.token_ids:  # a chunk may carry only text held back from an earlier token: not a token arrival
+            n = _tokens_in(chunk)
+            if n:  # a chunk may carry only text held back from an earlier token: not a token arrival
                 rec.chunk_times_s.append(time.perf_counter() - start)
-                rec.chunk_tokens.append(len(chunk.token_ids))
+                rec.chunk_tokens.append(n)
     except asyncio.CancelledError:
         await stream.cancel()
         raise
@@ -54,6 +61,10 @@ async def measure_request(client: Any, spec: RequestSpec, index: int, run_t0: fl
         rec.request_id, rec.finish_reason = final.request_id, final.finish_reason
         rec.prompt_tokens, rec.completion_tokens = u.prompt_tokens, u.completion_tokens
         rec.cached_prompt_tokens = u.cached_prompt_tokens
-        rec.server_timings_ms = {"queued": t.queued_ms, "first_token": t.first_token_ms,
-                                 "kv_landed": t.kv_landed_ms, "total": t.total_ms}
+        if t is not None:  # an OpenAI server has none
+            rec.server_timings_ms = {"queued": t.queued_ms, "first_token": t.first_token_ms,
+                                     "kv_landed": t.kv_landed_ms, "total": t.total_ms}
+        if rec.chunk_tokens and u.completion_tokens > rec.output_tokens:
+            # SSE events carry text, counted one token each; the usage says how many really came with them.
+            rec.chunk_tokens[-1] += u.completion_tokens - rec.output_tokens
     return rec

@@ -79,7 +79,7 @@ def format_table(cfg: BenchConfig, metrics: Metrics, model_name: str) -> str:
     errors = ", ".join(f"{code} {n}" for code, n in m.errors.items()) or "none"
     hit = "n/a" if m.prefix_cache_hit_rate is None else f"{100 * m.prefix_cache_hit_rate:.1f}%"
     lines = [f"{' kvrelay bench ':=^70}",
-             _row("Target", f"{cfg.target} ({model_name})"),
+             _row("Target", f"{cfg.endpoint} ({model_name})"),
              _row("Load", describe_load(cfg.load)),
              _row("Requests completed / sent", f"{m.completed} / {m.requested}"),
              _row("Errors by code", errors),
