@@ -56,24 +56,39 @@ def engine_mode(llm, mode: str) -> Iterator[None]:
         r.graphs, r.decode_kernel = saved
 
 
-def time_ours(llm, prompts: list[list[int]], gen: int, device: str) -> tuple[float, float, float]:
-    """(prefill seconds, seconds per decode step, of which seconds in the runner's execute)."""
+VARIANTS = ("greedy-sync", "greedy-async", "sampled-sync", "sampled-async")
+
+
+def variant_params(variant: str, gen: int, i: int):
+    """Greedy, or what users mostly run: temperature 0.8, top_p 0.95 and a seed per request."""
     from engine import SamplingParams
 
+    if variant.startswith("greedy"):
+        return SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True)
+    return SamplingParams(max_tokens=gen, temperature=0.8, top_p=0.95, seed=1000 + i, ignore_eos=True)
+
+
+def time_ours(llm, prompts: list[list[int]], gen: int, device: str, variant: str | None = None) -> dict:
+    """Seconds of the prefill, and per decode step: wall time, host time (step() minus its waits for the
+    device) and the runner's share (inputs, forward launch, sampling launch). `variant` None: greedy, with the
+    engine's own async setting."""
     eng = llm.engine
     runner = eng.executor.runner
-    p = SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True)
+    if variant is not None:
+        eng.async_scheduling = variant.endswith("-async")  # benchmark-only switch between steps of one engine
     for i, pr in enumerate(prompts):
-        eng.add_request(f"r{i}", pr, p)
+        eng.add_request(f"r{i}", pr, variant_params(variant or "greedy", gen, i))
     sync(device)
     t0 = time.perf_counter()
-    eng.step()  # the batch's whole prefill: the token budget covers it
+    while not eng.step():  # until the prefill's tokens are collected (async: the first decode is then queued)
+        pass
     sync(device)
     t1 = time.perf_counter()
+    wait0 = eng.wait_s
     in_runner = [0.0]
     execute = runner.execute
 
-    def timed(*a, **kw):  # benchmark-only wrapper: the runner's share of the step (inputs, forward, sampling)
+    def timed(*a, **kw):  # benchmark-only wrapper: the runner's share of the step
         t = time.perf_counter()
         try:
             return execute(*a, **kw)
@@ -81,17 +96,19 @@ def time_ours(llm, prompts: list[list[int]], gen: int, device: str) -> tuple[flo
             in_runner[0] += time.perf_counter() - t
 
     runner.execute = timed
-    steps = 0
+    tokens = 0
     try:
         while eng.has_unfinished_requests():
-            eng.step()
-            steps += 1
+            tokens += sum(len(o.new_token_ids) for o in eng.step())
         sync(device)
     finally:
         del runner.execute
-    if steps != gen - 1:
-        raise RuntimeError(f"expected {gen - 1} decode steps after one prefill step, ran {steps}")
-    return t1 - t0, (time.perf_counter() - t1) / steps, in_runner[0] / steps
+    if tokens != len(prompts) * (gen - 1):
+        raise RuntimeError(f"expected {gen - 1} decode tokens per request, got {tokens / len(prompts)}")
+    wall = time.perf_counter() - t1
+    steps = gen - 1
+    return dict(prefill_s=t1 - t0, step_s=wall / steps, host_s=(wall - (eng.wait_s - wait0)) / steps,
+                runner_s=in_runner[0] / steps)
 
 
 def replay_time(llm, batch: int, reps: int = 20) -> float:
@@ -160,7 +177,8 @@ def bench_shape(args, shape: str, rng: random.Random, bw: float) -> list[dict]:
     kv_bytes = kv_bytes_per_token(shape, itemsize)
     prompts = {b: [[rng.randrange(3, SHAPES[shape]["vocab_size"]) for _ in range(args.prompt_len)]
                    for _ in range(b)] for b in args.batch}
-    ours: dict[tuple[str, int], tuple[float, float, float]] = {}
+    ours: dict[tuple[str, int], dict] = {}
+    var: dict[tuple[str, int], dict] = {}
     replay: dict[int, float] = {}
     kernels: list[dict] = []
     with tempfile.TemporaryDirectory() as d:
@@ -175,8 +193,14 @@ def bench_shape(args, shape: str, rng: random.Random, bw: float) -> list[dict]:
                     ours[mode, b] = time_ours(llm, prompts[b], args.gen, args.device)
                     if mode == "graph":
                         replay[b] = replay_time(llm, b)
-                print(f"{shape} batch {b} {mode}: {ours[mode, b][1] * 1e3:.2f} ms/step "
-                      f"({ours[mode, b][2] * 1e3:.2f} in the runner)", flush=True)
+                print(f"{shape} batch {b} {mode}: {ours[mode, b]['step_s'] * 1e3:.2f} ms/step "
+                      f"({ours[mode, b]['runner_s'] * 1e3:.2f} in the runner)", flush=True)
+            with engine_mode(llm, modes[0]):
+                for v in args.variants:
+                    time_ours(llm, prompts[b], 3, args.device, v)
+                    var[v, b] = time_ours(llm, prompts[b], args.gen, args.device, v)
+                    print(f"{shape} batch {b} {modes[0]} {v}: {var[v, b]['step_s'] * 1e3:.2f} ms/step, host "
+                          f"{var[v, b]['host_s'] * 1e3:.2f}", flush=True)
         if args.profile and args.device == "cuda":
             kernels = kernel_breakdown(llm, prompts[max_b])
             for k in kernels:
@@ -200,12 +224,18 @@ def bench_shape(args, shape: str, rng: random.Random, bw: float) -> list[dict]:
         avg_ctx = args.prompt_len + args.gen / 2  # context length averaged over the decode steps
         roof = (weights + b * avg_ctx * kv_bytes) / bw
         best = modes[0]
-        step = ours[best, b][1]
+        step = ours[best, b]["step_s"]
         hf = hf_step.get(b, float("nan"))
+        rep = replay.get(b)
         rows.append(dict(
             shape=shape, batch=b, mode=best, step_ms=step * 1e3, tok_s=b / step, tok_s_per_seq=1 / step,
-            prefill_ms=ours[best, b][0] * 1e3, modes_step_ms={m: ours[m, b][1] * 1e3 for m in modes},
-            runner_ms=ours[best, b][2] * 1e3, graph_replay_ms=replay[b] * 1e3 if b in replay else None,
+            prefill_ms=ours[best, b]["prefill_s"] * 1e3, modes_step_ms={m: ours[m, b]["step_s"] * 1e3 for m in modes},
+            runner_ms=ours[best, b]["runner_s"] * 1e3, host_ms=ours[best, b]["host_s"] * 1e3,
+            graph_replay_ms=rep * 1e3 if rep is not None else None,
+            variants={v: dict(step_ms=var[v, b]["step_s"] * 1e3, host_ms=var[v, b]["host_s"] * 1e3,
+                              runner_ms=var[v, b]["runner_s"] * 1e3, frac_of_roofline=roof / var[v, b]["step_s"],
+                              step_over_replay=var[v, b]["step_s"] / rep if rep else None)
+                      for v in args.variants},
             kernels=kernels if b == max_b else [],
             hf_step_ms=hf * 1e3, hf_tok_s=b / hf, hf_gen=hf_gen, speedup_vs_hf=hf / step,
             roofline_step_ms=roof * 1e3, frac_of_roofline=roof / step, weight_bytes=weights,
@@ -222,6 +252,11 @@ def main() -> None:
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--hf-gen", type=int, default=32, help="HF generates at most this many tokens per batch")
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="first one is reported")
+    ap.add_argument("--variants", nargs="*", choices=VARIANTS, default=None,
+                    help="greedy or sampled x async scheduling on or off, each timed in the first mode (default: "
+                         "greedy-sync greedy-async, plus the sampled pair with --sampling)")
+    ap.add_argument("--sampling", action="store_true",
+                    help="also time sampling: temperature 0.8, top_p 0.95, a seed per request")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on cuda, else float32")
     ap.add_argument("--no-hf", action="store_true", help="skip the HuggingFace baseline")
@@ -229,6 +264,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/decode_speed.json")
     args = ap.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    if args.variants is None:
+        args.variants = [v for v in VARIANTS if args.sampling or v.startswith("greedy")]
     if args.gen < 2 or args.hf_gen < 2:
         ap.error("--gen and --hf-gen must be at least 2 (decode steps are timed after the first token)")
 
@@ -254,8 +291,16 @@ def main() -> None:
               + "".join(f"{r['modes_step_ms'][m]:>10.2f}" for m in others)
               + f" {r['runner_ms']:>7.2f} {replay:>7.2f} {r['hf_step_ms']:>7.2f} {r['speedup_vs_hf']:>5.2f}x "
               f"{r['roofline_step_ms']:>7.3f} {r['frac_of_roofline']:>6.1%}")
-    print("runner: ms of the step inside ModelRunner.execute (inputs, forward, sampling, the host sync); replay: "
-          "the decode graph alone, back to back (GPU time of the forward)")
+    print("runner: ms of the step inside ModelRunner.execute (inputs, forward, sampling); replay: the decode graph "
+          "alone, back to back (GPU time of the forward)")
+    if args.variants:
+        print(f"\n{'shape':>12} {'batch':>5} {'variant':>14} {'ms/step':>8} {'host ms':>8} {'replay':>7} "
+              f"{'step/replay':>11} {'of roof':>7}")
+        for r in rows:
+            for v, x in r["variants"].items():
+                ratio = f"{x['step_over_replay']:.2f}x" if x["step_over_replay"] else "n/a"
+                print(f"{r['shape']:>12} {r['batch']:>5} {v:>14} {x['step_ms']:>8.2f} {x['host_ms']:>8.2f} "
+                      f"{(r['graph_replay_ms'] or float('nan')):>7.2f} {ratio:>11} {x['frac_of_roofline']:>6.1%}")
 
 
 if __name__ == "__main__":

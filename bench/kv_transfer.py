@@ -39,13 +39,14 @@ def write_config(path: str, shape: str, dtype: str) -> None:
 
 
 def _engine(args, model_dir: str, device: str):
-    from engine import EngineConfig, LLMEngine
+    from engine import EngineConfig, LLMEngine, RuntimeConfig
 
     n = max(args.tokens)
+    # Synchronous steps: each timed step() returns its own outputs.
     return LLMEngine(EngineConfig.from_model_dir(
         model_dir, dtype=args.dtype, device=device, load_format="dummy", worker_extension=CONNECTOR,
         num_blocks=(n // 16 + 8) * 2, max_model_len=n + 64, max_num_batched_tokens=n + 64,
-        enable_prefix_caching=False))
+        enable_prefix_caching=False, runtime=RuntimeConfig(async_scheduling=False)))
 
 
 def _sync(device: str) -> None:
@@ -94,7 +95,7 @@ def prefill_proc(args, model_dir: str, conn) -> None:
     import torch
 
     from engine import SamplingParams
-    from engine.scheduler import ScheduledSeq, SchedulerOutput
+    from engine.scheduler_output import SchedulerOutput
     from kv_transfer.channel import KVChannel
 
     device = "cuda:0" if args.device == "cuda" else "cpu"
@@ -143,8 +144,8 @@ def prefill_proc(args, model_dir: str, conn) -> None:
             rid = f"x{seq}"
             conn.send(("reserve", rid, n))
             assert conn.recv() == "reserved"
-            fake = SchedulerOutput(seqs=[ScheduledSeq(rid, [0] * n, 0, list(range(nb)), True, p, 0,
-                                                      {"peer": "d0"})])
+            fake = SchedulerOutput(request_ids=[rid], slots=[0], starts=[0], num_tokens=[n], output_index=[0],
+                                   token_ids=[0] * n, transfers={0: ({"peer": "d0"}, list(range(nb)))})
             _sync(device)
             t0 = time.perf_counter()
             ext.begin_step(fake)

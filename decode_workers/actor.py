@@ -7,7 +7,7 @@ import os
 import socket
 
 from decode_workers.group import DecodeFollower, DecodeLeader
-from engine.llm_engine import EngineConfig
+from engine.config import EngineConfig
 from protos.serving import node_ip
 
 

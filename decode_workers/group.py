@@ -8,9 +8,10 @@ import dataclasses
 import threading
 
 from decode_workers.service import DecodeService, add_to_server
+from engine.config import EngineConfig
 from engine.engine_loop import EngineLoop
 from engine.executor import Executor, GroupLeaderExecutor
-from engine.llm_engine import EngineConfig, LLMEngine
+from engine.llm_engine import LLMEngine
 from engine.worker import TPWorker, run_follower
 from protos.serving import AsyncServerThread
 

@@ -123,13 +123,11 @@ class DecodeService(wpb_grpc.DecodeGroupServicer):
 
 
 def tokens_message(batch: list[RequestOutput]) -> wpb.DecodeTokens:
-    """The new tokens of consecutive outputs of one request (the last one's cumulative lists cover them all)."""
-    last = batch[-1]
+    """The new tokens (and logprobs) of consecutive outputs of one request, as one message. The first token's
+    logprob is the prefill worker's, so the logprobs may be one short: they cover the last tokens."""
     new = [t for o in batch for t in o.new_token_ids]
-    msg = wpb.DecodeTokens(start_index=len(last.token_ids) - len(new), token_ids=new)
-    if last.logprobs:  # the first token's logprob is the prefill worker's: the list may be one short
-        msg.logprobs.extend(codec.logprob_message(lp.logprob, lp.top)
-                            for lp in last.logprobs[-min(len(new), len(last.logprobs)):])
+    msg = wpb.DecodeTokens(start_index=batch[-1].num_output_tokens - len(new), token_ids=new)
+    msg.logprobs.extend(codec.logprob_message(lp.logprob, lp.top) for o in batch for lp in (o.new_logprobs or ()))
     return msg
 
 

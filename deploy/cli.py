@@ -31,6 +31,7 @@ SERVE_FLAGS: list[tuple[str, type, str]] = [
     ("routing-policy", str, "cache_aware | least_loaded | round_robin (default cache_aware)"),
     ("startup-timeout-s", float, "how long workers may take to load (default 600)"),
     ("log-level", str, "debug | info | warning | error (default warning)"),
+    ("async-scheduling", str, "auto | on | off: schedule step n+1 while step n runs (default auto: on with CUDA)"),
     ("http-port", int, "also serve the OpenAI-compatible HTTP API (and /health, /metrics) on this port"),
     ("api-key", str, "clients must send 'Authorization: Bearer KEY' (HTTP and gRPC); also $KVRELAY_API_KEY"),
     ("api-key-file", str, "read the API key from this file"),
@@ -50,6 +51,9 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     for flag, typ, text in SERVE_FLAGS:
         p.add_argument(f"--{flag}", type=typ, default=None, help=text)
     p.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    p.add_argument("--no-decode-kernel", action="store_true", help="portable torch decode attention on CUDA")
+    p.add_argument("--no-fused-ops", action="store_true", help="no fused Triton norm/rotary/SiLU kernels on CUDA")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -64,6 +68,10 @@ def _serve(args: argparse.Namespace) -> int:
                 kwargs[flag.replace("-", "_")] = value
         if args.no_prefix_caching:
             kwargs["enable_prefix_caching"] = False
+        for flag, key, value in (("enforce_eager", "enforce_eager", True), ("no_decode_kernel", "decode_kernel", False),
+                                 ("no_fused_ops", "fused_ops", False)):
+            if getattr(args, flag):
+                kwargs[key] = value
         if "api_key" not in kwargs and "api_key_file" not in kwargs and os.environ.get("KVRELAY_API_KEY"):
             kwargs["api_key"] = os.environ["KVRELAY_API_KEY"]
         cfg = ServeConfig(**kwargs)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deploy import DEFAULT_MODEL_DIR
+from engine.config import RuntimeConfig
 from router.config import POLICIES, RouterConfig
 
 
@@ -39,6 +40,11 @@ class ServeConfig:
     routing_policy: str = "cache_aware"
     startup_timeout_s: float = 600.0
     log_level: str = "warning"
+    # How engines step (engine.config.RuntimeConfig), the same on every actor; KVRELAY_* env vars override.
+    enforce_eager: bool = False  # no CUDA graphs
+    async_scheduling: str = "auto"  # auto (on with CUDA) | on | off
+    decode_kernel: bool = True  # Triton paged-attention decode on CUDA
+    fused_ops: bool = True  # fused Triton norm/rotary/SiLU on CUDA
     # The public API's front door beyond gRPC (issue 10): OpenAI-compatible HTTP, API key, TLS, chat.
     http_port: int | None = None  # None: gRPC only
     api_key: str | None = field(default=None, repr=False)  # or api_key_file, or $KVRELAY_API_KEY (deploy.cli)
@@ -62,11 +68,18 @@ class ServeConfig:
             raise ValueError(f"load-format must be auto or dummy, got {self.load_format!r}")
         if self.routing_policy not in POLICIES:
             raise ValueError(f"routing-policy must be one of {POLICIES}, got {self.routing_policy!r}")
+        if self.async_scheduling not in ("auto", "on", "off"):
+            raise ValueError(f"async-scheduling must be auto, on or off, got {self.async_scheduling!r}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ValueError(f"log-level must be debug, info, warning or error, got {self.log_level!r}")
         if self.api_key is not None and self.api_key_file is not None:
             raise ValueError("give api-key or api-key-file, not both")
         self.router_config()  # validates the router's share
+
+    def runtime_config(self) -> RuntimeConfig:
+        mode = {"auto": None, "on": True, "off": False}[self.async_scheduling]
+        return RuntimeConfig(enforce_eager=self.enforce_eager, decode_kernel=self.decode_kernel,
+                             fused_ops=self.fused_ops, async_scheduling=mode)
 
     def router_config(self) -> RouterConfig:
         return RouterConfig(host=self.host, port=self.port, max_queued_requests=self.max_queued_requests,

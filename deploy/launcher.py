@@ -12,7 +12,7 @@ from typing import Any
 
 from decode_workers.actor import DecodeRankActor
 from deploy.config import ServeConfig
-from engine.llm_engine import EngineConfig
+from engine.config import EngineConfig
 from prefill_workers.actor import PrefillActor
 from router.workers import WorkerSpec
 
@@ -76,7 +76,8 @@ class Deployment:
             os.path.abspath(c.model), dtype=c.dtype, device=device, block_size=c.block_size, num_blocks=num_blocks,
             gpu_memory_utilization=c.gpu_memory_utilization, max_model_len=c.max_model_len,
             max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
-            enable_prefix_caching=c.enable_prefix_caching, tensor_parallel_size=tp, load_format=c.load_format)
+            enable_prefix_caching=c.enable_prefix_caching, tensor_parallel_size=tp, load_format=c.load_format,
+            runtime=c.runtime_config())
 
     def start(self) -> Placed:
         """Create and start every actor; returns once each has loaded its model and serves."""

@@ -11,7 +11,8 @@ from typing import Any
 
 _LAZY = {
     "LLM": "engine.llm",
-    "EngineConfig": "engine.llm_engine",
+    "EngineConfig": "engine.config",
+    "RuntimeConfig": "engine.config",
     "LLMEngine": "engine.llm_engine",
     "Logprob": "engine.outputs",
     "RequestOutput": "engine.outputs",

@@ -2,11 +2,12 @@
 
 Pure Python (no torch) so the router and the client side can import them. Each class validates itself in
 `__post_init__`; only entry points parse flags or files into them. `ModelConfig` is read from a checkpoint
-directory by `engine.models.hf_config.load_model_config`.
+directory by `engine.models.hf_config.load_model_config`; `EngineConfig` bundles one engine's settings.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -144,3 +145,97 @@ class SchedulerConfig:
             raise ValueError(
                 "without chunked prefill, max_num_batched_tokens must be >= max_model_len so any prompt fits a step"
             )
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How an engine runs its steps. Settable from `kvrelay serve` flags and config files, and copied to every
+    rank; the KVRELAY_* environment variables, where set, override the fields (see docs/operations.md).
+
+    `None` means automatic: CUDA graphs, the Triton decode kernels and the fused kernels are used on CUDA only,
+    and async scheduling (step n+1 scheduled while step n runs) is on with CUDA and off on CPU, where a step
+    cannot run while the host schedules, so the lookahead would only add a step of latency to every stop.
+    """
+
+    enforce_eager: bool = False  # no CUDA graphs for decode steps
+    decode_kernel: bool = True  # Triton paged-attention decode on CUDA (off: the portable torch path)
+    fused_ops: bool = True  # fused Triton norm / rotary / SiLU kernels on CUDA
+    async_scheduling: bool | None = None  # None: on with CUDA, off on CPU
+
+    def resolved(self, device: str) -> RuntimeConfig:
+        """This config with the KVRELAY_* overrides applied and `async_scheduling` decided for `device`."""
+        values = {}
+        for name, env in ENV_OVERRIDES.items():
+            raw = os.environ.get(env)
+            values[name] = getattr(self, name) if raw is None else _env_bool(env, raw)
+        if values["async_scheduling"] is None:
+            values["async_scheduling"] = device.startswith("cuda")
+        return RuntimeConfig(**values)
+
+
+ENV_OVERRIDES = {
+    "enforce_eager": "KVRELAY_ENFORCE_EAGER",
+    "decode_kernel": "KVRELAY_DECODE_KERNEL",
+    "fused_ops": "KVRELAY_FUSED_OPS",
+    "async_scheduling": "KVRELAY_ASYNC_SCHEDULING",
+}
+
+
+def _env_bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{name}={raw!r}: use 1/0 (or true/false)")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    device: str = "cpu"
+    worker_extension: str | None = None  # "module:Class" built on every rank (see engine.worker_extension)
+    load_format: str = "auto"  # "dummy": random weights from config.json alone (benchmarks)
+    # Workers leave text to the router (which detokenizes and applies stop strings once, for every worker), so
+    # their engines stream token ids only.
+    detokenize: bool = True
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str, *, dtype: str = "auto", device: str = "cpu", block_size: int = 16,
+                       num_blocks: int | None = None, kv_cache_memory: int | None = None,
+                       gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
+                       max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
+                       enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
+                       tensor_parallel_size: int = 1, worker_extension: str | None = None,
+                       load_format: str = "auto", detokenize: bool = True,
+                       runtime: RuntimeConfig | None = None) -> EngineConfig:
+        from engine.models.hf_config import load_model_config  # reads config.json; no torch
+
+        model = load_model_config(model_dir, dtype)
+        if max_model_len is None:
+            max_model_len = min(model.max_position_embeddings, 8192)
+        elif max_model_len > model.max_position_embeddings:
+            raise ValueError(f"max_model_len {max_model_len} exceeds the model's max_position_embeddings "
+                             f"({model.max_position_embeddings})")
+        if not enable_chunked_prefill:
+            max_num_batched_tokens = max(max_num_batched_tokens, max_model_len)
+        return cls(
+            model=model,
+            cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, memory_bytes=kv_cache_memory,
+                              gpu_memory_utilization=gpu_memory_utilization,
+                              enable_prefix_caching=enable_prefix_caching),
+            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                      max_model_len=max_model_len, enable_chunked_prefill=enable_chunked_prefill),
+            parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size),
+            device=device,
+            worker_extension=worker_extension,
+            load_format=load_format,
+            detokenize=detokenize,
+            runtime=runtime or RuntimeConfig(),
+        )
+
+

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.decode_inputs import LENGTH, POSITION, SLOT, TOKEN, DecodeInputs
+from engine.input_batch import LENGTH, POSITION, SLOT, TOKEN
 from engine.layers.attention_context import AttentionMetadata, attention_context
 
 SMALL_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
@@ -38,7 +38,7 @@ class DecodeGraphs:
         self.buckets = bucket_sizes(max_batch)
         self.max_batch = max_batch
         m = self.buckets[-1]
-        self.packed = torch.zeros(4, m, dtype=torch.int64, device=device)  # rows as DecodeInputs.packed
+        self.packed = torch.zeros(4, m, dtype=torch.int64, device=device)  # rows as StepInputs.packed (first 4)
         self.packed[SLOT].fill_(-1)
         self.tables = torch.zeros(m, max_blocks_per_seq, dtype=torch.int64, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -64,12 +64,14 @@ class DecodeGraphs:
             self.graphs[bs] = graph
         torch.cuda.synchronize()
 
-    def run(self, inputs: DecodeInputs) -> torch.Tensor:
-        """Replay the graph of `inputs.padded` rows (a bucket size); returns hidden states [num_seqs, hidden]."""
-        bs, width = inputs.padded, inputs.block_tables.shape[1]
-        self.packed[:, :bs].copy_(inputs.packed, non_blocking=True)
-        # Columns past `width` keep older steps' entries: the kernel reads only a sequence's first
-        # ceil(length / block_size) entries, all of which lie within `width`.
-        self.tables[:bs, :width].copy_(inputs.block_tables, non_blocking=True)
+    def run(self, input_ids: torch.Tensor, packed: torch.Tensor, tables: torch.Tensor,
+            num_seqs: int) -> torch.Tensor:
+        """Replay the graph of `input_ids.shape[0]` rows (a bucket size) on device inputs: input_ids [bucket],
+        packed [>= 4, bucket] (StepInputs rows; padding rows have slot -1 and length 0), tables [bucket, max
+        blocks]. Returns hidden states [num_seqs, hidden]."""
+        bs = input_ids.shape[0]
+        self.packed[:, :bs].copy_(packed[:4])
+        self.packed[TOKEN, :bs].copy_(input_ids)
+        self.tables[:bs].copy_(tables)
         self.graphs[bs].replay()
-        return self.outputs[bs][: inputs.num_seqs]
+        return self.outputs[bs][:num_seqs]

@@ -198,8 +198,8 @@ class EngineLoop:
 
     def _end_all(self, error: str) -> None:
         """End every subscribed request with an "abort" output carrying `error`."""
-        self._deliver([(sink, RequestOutput(rid, [], [], "", [], "", finished=True, finish_reason="abort",
-                                            error=error)) for rid, sink in self._sinks.items()])
+        self._deliver([(sink, RequestOutput(rid, [], finished=True, finish_reason="abort", error=error))
+                       for rid, sink in self._sinks.items()])
         self._sinks.clear()
 
     def _fail_calls(self) -> None:

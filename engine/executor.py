@@ -1,26 +1,46 @@
 """Executors run a `SchedulerOutput` on the model's rank(s) and return rank 0's `StepResult`.
 
-`LocalExecutor` holds the runner in this process (tensor_parallel_size 1). `MultiprocExecutor` spawns one
-process per rank (`engine.worker`) and talks to rank 0 over a pipe; the driving process keeps only the
-scheduler, so its own torch.distributed state stays untouched.
+`submit` queues a step and returns a handle whose `result()` waits for it, so the engine can schedule the next
+step meanwhile (async scheduling); handles are collected in submission order. `LocalExecutor` holds the runner in
+this process (tensor_parallel_size 1): a step runs on the GPU while the host goes on. `MultiprocExecutor` spawns
+one process per rank (`engine.worker`) and talks to rank 0 over a pipe, so even on CPU a step runs while the
+driver schedules the next; the driving process keeps only the scheduler, so its own torch.distributed state
+stays untouched. `GroupLeaderExecutor` (rank 0 of a group whose ranks were started elsewhere) runs each step to
+its end in `submit`: its ranks join collectives after every step.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import socket
-from typing import Any
+from collections import deque
+from typing import Any, Protocol
 
 from engine.runner import ModelRunner, StepResult
 from engine.scheduler import SchedulerOutput
 from engine.worker import ExtensionError, TPWorker, make_extension, worker_main
 
 
+class StepHandle(Protocol):
+    def result(self) -> StepResult: ...
+
+
+class _Done:
+    def __init__(self, result: StepResult) -> None:
+        self._result = result
+
+    def result(self) -> StepResult:
+        return self._result
+
+
 class Executor:
     num_blocks: int
 
-    def execute(self, out: SchedulerOutput) -> StepResult:
+    def submit(self, out: SchedulerOutput) -> StepHandle:
         raise NotImplementedError
+
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        return self.submit(out).result()
 
     def call_extension(self, method: str, *args: Any) -> list[Any]:
         """Call `method(*args)` on every rank's worker extension; the return values in rank order."""
@@ -35,11 +55,12 @@ class Executor:
 
 class LocalExecutor(Executor):
     def __init__(self, config: Any) -> None:
-        self.runner = ModelRunner(config.model, config.cache, config.scheduler, config.device, config.load_format)
+        self.runner = ModelRunner(config.model, config.cache, config.scheduler, config.device, config.load_format,
+                                  config.runtime)
         self.num_blocks = self.runner.allocate_kv_cache()
         self.extension = make_extension(config, self.runner, 0)
 
-    def execute(self, out: SchedulerOutput) -> StepResult:
+    def submit(self, out: SchedulerOutput) -> StepHandle:
         return self.runner.execute(out, self.extension)
 
     def call_extension(self, method: str, *args: Any) -> list[Any]:
@@ -75,8 +96,8 @@ class GroupLeaderExecutor(Executor):
         self.num_blocks = worker.num_blocks
         self._closed = False
 
-    def execute(self, out: SchedulerOutput) -> StepResult:
-        return self.worker.step(out)
+    def submit(self, out: SchedulerOutput) -> StepHandle:
+        return _Done(self.worker.step(out))
 
     def call_extension(self, method: str, *args: Any) -> list[Any]:
         return _checked(method, self.worker.step(("ext", method, args))[1])
@@ -106,9 +127,24 @@ class WorkerError(RuntimeError):
     """A tensor-parallel rank failed; the message carries its traceback."""
 
 
+class _Reply:
+    """Rank 0's answer to a step sent down the pipe. Answers come back in the order messages were sent, so an
+    extension call made while steps are in flight first takes their answers off the pipe and keeps them here."""
+
+    def __init__(self, executor: MultiprocExecutor) -> None:
+        self._executor = executor
+        self._value: StepResult | None = None
+
+    def result(self) -> StepResult:
+        while self._value is None:
+            self._executor._pump()
+        return self._value
+
+
 class MultiprocExecutor(Executor):
     def __init__(self, config: Any, startup_timeout_s: float = 600.0) -> None:
         self._closed, self.procs = False, []
+        self._replies: deque[_Reply] = deque()
         size = config.parallel.tensor_parallel_size
         ctx = mp.get_context("spawn")
         init_method = f"tcp://127.0.0.1:{free_port()}"
@@ -145,17 +181,27 @@ class MultiprocExecutor(Executor):
             raise WorkerError(f"tensor-parallel rank 0 failed:\n{msg[1]}")
         return msg
 
-    def execute(self, out: SchedulerOutput) -> StepResult:
+    def submit(self, out: SchedulerOutput) -> StepHandle:
         self.conn.send(out)
+        reply = _Reply(self)
+        self._replies.append(reply)
+        return reply
+
+    def _pump(self) -> None:
+        """Receive the oldest outstanding step's answer into its handle."""
+        self._replies.popleft()._value = self._recv()
+
+    def _call(self, msg: Any) -> Any:
+        self.conn.send(msg)
+        while self._replies:
+            self._pump()
         return self._recv()
 
     def call_extension(self, method: str, *args: Any) -> list[Any]:
-        self.conn.send(("ext", method, args))
-        return _checked(method, self._recv()[1])
+        return _checked(method, self._call(("ext", method, args))[1])
 
     def keepalive(self) -> None:
-        self.conn.send(("keepalive",))
-        self._recv()
+        self._call(("keepalive",))
 
     def shutdown(self) -> None:
         if self._closed:

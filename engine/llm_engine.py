@@ -2,16 +2,22 @@
 
 Workers drive this API; `LLM.generate` is a loop over it. One `step()` = schedule, one forward pass, update the
 scheduler with the sampled tokens, then detokenize and apply stop strings for the requests that advanced.
+
+With async scheduling (`RuntimeConfig.async_scheduling`, on by default with CUDA) a step schedules and queues step
+n+1 before it collects step n, so the host's scheduling and output work runs while the device computes; tokens
+of step n feed step n+1 on the device. A stop (EOS, stop id, stop string) is then seen one step late: the extra
+token is dropped, never emitted, and a request's blocks return to the pool only once no step in flight writes
+them. Outputs are per-step deltas (`RequestOutput`), whatever the requests' lengths.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+import time
+from collections import deque
 
-from engine.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from engine.config import EngineConfig
 from engine.executor import Executor, LocalExecutor, MultiprocExecutor
-from engine.models.hf_config import load_model_config
 from engine.output_processor import OutputState
 from engine.outputs import Logprob, RequestOutput
 from engine.remote_prefill import RemotePrefills
@@ -19,50 +25,6 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 from engine.tokenizer import Tokenizer
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    model: ModelConfig
-    cache: CacheConfig = field(default_factory=CacheConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    device: str = "cpu"
-    worker_extension: str | None = None  # "module:Class" built on every rank (see engine.worker_extension)
-    load_format: str = "auto"  # "dummy": random weights from config.json alone (benchmarks)
-    # Workers leave text to the router (which detokenizes and applies stop strings once, for every worker), so
-    # their engines stream token ids only.
-    detokenize: bool = True
-
-    @classmethod
-    def from_model_dir(cls, model_dir: str, *, dtype: str = "auto", device: str = "cpu", block_size: int = 16,
-                       num_blocks: int | None = None, kv_cache_memory: int | None = None,
-                       gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
-                       max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
-                       enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
-                       tensor_parallel_size: int = 1, worker_extension: str | None = None,
-                       load_format: str = "auto", detokenize: bool = True) -> EngineConfig:
-        model = load_model_config(model_dir, dtype)
-        if max_model_len is None:
-            max_model_len = min(model.max_position_embeddings, 8192)
-        elif max_model_len > model.max_position_embeddings:
-            raise ValueError(f"max_model_len {max_model_len} exceeds the model's max_position_embeddings "
-                             f"({model.max_position_embeddings})")
-        if not enable_chunked_prefill:
-            max_num_batched_tokens = max(max_num_batched_tokens, max_model_len)
-        return cls(
-            model=model,
-            cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, memory_bytes=kv_cache_memory,
-                              gpu_memory_utilization=gpu_memory_utilization,
-                              enable_prefix_caching=enable_prefix_caching),
-            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                      max_model_len=max_model_len, enable_chunked_prefill=enable_chunked_prefill),
-            parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size),
-            device=device,
-            worker_extension=worker_extension,
-            load_format=load_format,
-            detokenize=detokenize,
-        )
 
 
 def _check_tp_shapes(config: EngineConfig) -> None:
@@ -103,6 +65,9 @@ class LLMEngine:
         self._remote = RemotePrefills(config.parallel.tensor_parallel_size)
         self._aborted: list[RequestOutput] = []
         self._arrivals = itertools.count()
+        self.async_scheduling = bool(config.runtime.resolved(config.device).async_scheduling)
+        self._inflight: deque = deque()  # (SchedulerOutput, executor handle), oldest first
+        self.wait_s = 0.0  # seconds step() spent waiting for the device's results (the rest is host work)
 
     # ---- requests -----------------------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -156,37 +121,41 @@ class LLMEngine:
         self._remote.add(request_id, timeout_s)
         return blocks
 
-    def set_first_token(self, request_id: str, token: int) -> None:
-        """The token the prefill worker sampled; decoding starts once the KV has landed too."""
-        self._remote.set_first_token(request_id, token)
-
     def call_extension(self, method: str, *args) -> list:
         """Call a worker-extension method on every rank (e.g. KV channel setup); results in rank order."""
         return self.executor.call_extension(method, *args)
 
-    def _land_remote(self) -> list[RequestOutput]:
-        ready, failed = self._remote.apply(self.executor.call_extension("poll"))
+    def set_first_token(self, request_id: str, token: int) -> None:
+        """The token the prefill worker sampled; decoding starts once the KV has landed too."""
+        if not 0 <= token < self.config.model.vocab_size:
+            raise ValueError(f"first token id {token} is outside the vocabulary [0, {self.config.model.vocab_size})")
+        self._remote.set_first_token(request_id, token)
+
+    def _apply_landing(self, rank_events: list[dict]) -> list[RequestOutput]:
+        """Fold the decode ranks' transfer events (landed / failed remote prefills) into the reservations."""
+        ready, failed = self._remote.apply(rank_events)
         outputs = []
         if failed:
             self.executor.call_extension("cancel", list(failed))  # no byte lands after this: blocks reusable
         for rid, err in failed.items():
             self.scheduler.finish(rid, "abort")
             state = self._states.pop(rid)
-            outputs.append(self._output(state, [], "", finished=True, error=err))
+            outputs.append(self._output(state, [], "", None, finished=True, error=err))
         for rid, token in ready:
             seq = self.scheduler.admit_remote(rid, token)
             outputs.append(self._emit(seq, {}))
         return outputs
 
     def abort_request(self, request_id: str) -> bool:
-        """Stop a request now and free its blocks; the next `step()` reports it with finish_reason "abort"."""
+        """Stop a request now (its blocks are freed once no step in flight writes them); the next `step()`
+        reports it with finish_reason "abort"."""
         if self._remote.discard(request_id):
             self.executor.call_extension("cancel", [request_id])
         seq = self.scheduler.finish(request_id, "abort")
         state = self._states.pop(request_id, None)
         if seq is None or state is None:
             return False
-        self._aborted.append(self._output(state, [], "", finished=True))
+        self._aborted.append(self._output(state, [], "", None, finished=True))
         return True
 
     def keepalive(self) -> None:
@@ -195,34 +164,56 @@ class LLMEngine:
         self.executor.keepalive()
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._aborted)
+        return self.scheduler.has_unfinished() or bool(self._aborted) or bool(self._inflight)
 
     # ---- stepping -----------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one batch; return an output for every request that got a token, finished or was aborted."""
+        """Run one batch; return an output for every request that got a token, finished or was aborted. With
+        async scheduling the tokens returned are those of the previous batch, collected once this one is queued."""
         outputs, self._aborted = self._aborted, []
-        if self._remote.pending:
-            outputs += self._land_remote()
-        sched_out = self.scheduler.schedule()
-        if sched_out.is_empty:
-            return outputs
-        result = self.executor.execute(sched_out)
+        if self._remote.pending and not self._inflight and not (self.scheduler.running or self.scheduler.waiting):
+            # Only transfers outstanding, so no step carries their events: ask the ranks directly.
+            outputs += self._apply_landing(self.executor.call_extension("poll"))
+        # Preemption frees blocks at once: never while a step that writes them is in flight.
+        if self._inflight and self.scheduler.may_preempt():
+            outputs += self._collect()
+        sched = self.scheduler.schedule()
+        if not sched.is_empty:
+            self._inflight.append((sched, self.executor.submit(sched)))
+        if len(self._inflight) > (1 if self.async_scheduling and not sched.is_empty else 0):
+            outputs += self._collect()
+        return outputs
+
+    def _collect(self) -> list[RequestOutput]:
+        """Wait for the oldest step in flight and account its tokens."""
+        sched, handle = self._inflight.popleft()
+        t = time.perf_counter()
+        result = handle.result()
+        self.wait_s += time.perf_counter() - t
         send_failed: dict[str, str] = {}
+        landing = []
         for ev in result.ext_events:
-            send_failed.update((ev or {}).get("failed", {}))
-        for seq in self.scheduler.update(sched_out, result.token_ids):
+            ev = ev or {}
+            send_failed.update(ev.get("failed", {}))
+            if "landed" in ev or "recv_failed" in ev:
+                landing.append({"landed": ev.get("landed", []), "failed": ev.get("recv_failed", {})})
+        outputs = []
+        for seq in self.scheduler.update(sched, result.token_ids):
             if seq.transfer is not None and not seq.is_finished:
                 self.scheduler.finish(seq.request_id, "prefilled")  # decode continues on the decode group
             if seq.request_id in send_failed:
                 seq.finish_reason = "abort"
             outputs.append(self._emit(seq, result.logprobs, send_failed.get(seq.request_id)))
+        if self._remote.pending:  # landed, failed, or past their deadline
+            outputs += self._apply_landing(landing)
         return outputs
 
     def _emit(self, seq: Sequence, logprobs: dict, error: str | None = None) -> RequestOutput:
         """Account the sequence's newest token: logprobs, text, stop strings; build its output."""
         state = self._states[seq.request_id]
+        token = seq.token_ids[seq.num_resolved_tokens - 1]
         lp = logprobs.get(seq.request_id)
-        stopped = state.out.add(seq.token_ids[-1], Logprob(seq.token_ids[-1], *lp) if lp else None)
+        stopped = state.out.add(token, Logprob(token, *lp) if lp else None)
         if seq.is_finished:
             stopped |= state.out.flush()
         if stopped:
@@ -233,24 +224,22 @@ class LLMEngine:
         if finished:
             del self._states[seq.request_id]
         new_tokens, new_text = state.out.take(finished)
-        return self._output(state, new_tokens, new_text, finished, error)
+        return self._output(state, new_tokens, new_text, state.out.take_logprobs(), finished, error)
 
-    def _output(self, state: _RequestState, new_tokens: list[int], new_text: str, finished: bool,
-                error: str | None = None) -> RequestOutput:
-        seq = state.seq
-        return RequestOutput(
-            request_id=seq.request_id,
-            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
-            token_ids=seq.output_token_ids,
-            text=state.out.text,
-            new_token_ids=new_tokens,
-            new_text=new_text,
-            finished=finished,
-            finish_reason=seq.finish_reason if finished else None,
-            logprobs=list(state.out.logprobs) if state.out.logprobs is not None else None,
-            num_cached_tokens=seq.num_cached_tokens,
-            error=error,
-        )
+    def _output(self, state: _RequestState, new_tokens: list[int], new_text: str, new_logprobs: list | None,
+                finished: bool, error: str | None = None) -> RequestOutput:
+        seq, out = state.seq, state.out
+        final = RequestOutput(
+            request_id=seq.request_id, new_token_ids=new_tokens, new_text=new_text, new_logprobs=new_logprobs,
+            num_output_tokens=len(out.token_ids), finished=finished,
+            finish_reason=seq.finish_reason if finished else None, num_cached_tokens=seq.num_cached_tokens,
+            error=error)
+        if finished:  # the whole request, once: the prompt, every token, the text and every logprob
+            final.prompt_token_ids = seq.token_ids[: seq.num_prompt_tokens]
+            final.token_ids = list(out.token_ids)
+            final.text = out.text
+            final.logprobs = list(out.logprobs) if out.logprobs is not None else None
+        return final
 
     # ---- stats --------------------------------------------------------------------------------------------
     @property

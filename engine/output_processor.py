@@ -23,6 +23,7 @@ class OutputState:
         self.stopped = False  # a stop string matched: the request must end with finish_reason "stop"
         self.emitted_chars = 0
         self.emitted_tokens = 0
+        self.emitted_logprobs = 0
         self.logprobs: list[Logprob] | None = [] if params.logprobs is not None else None
         self.holdback = max((len(s) for s in params.stop), default=1) - 1
 
@@ -66,3 +67,11 @@ class OutputState:
         new_tokens = self.token_ids[self.emitted_tokens:]
         self.emitted_tokens = len(self.token_ids)
         return new_tokens, new_text
+
+    def take_logprobs(self) -> list[Logprob] | None:
+        """The logprobs not handed out yet (None when the request asked for none)."""
+        if self.logprobs is None:
+            return None
+        new = self.logprobs[self.emitted_logprobs:]
+        self.emitted_logprobs = len(self.logprobs)
+        return new

@@ -14,16 +14,24 @@ class Logprob:
 
 @dataclass
 class RequestOutput:
-    """Cumulative state of a request plus what this step added (`new_token_ids`, `new_text`)."""
+    """What one step added to a request (`new_*`), and on its final output the whole of it.
+
+    Per step the engine reports deltas only, so a step costs O(new tokens) whatever the requests' lengths; the
+    cumulative fields (prompt, every generated token, the text, every logprob) are filled on the final output
+    (`finished`), where `LLM.generate` reads them, and are None before.
+    """
 
     request_id: str
-    prompt_token_ids: list[int]
-    token_ids: list[int]  # generated so far
-    text: str  # generated text so far (stop string removed once matched)
     new_token_ids: list[int]
-    new_text: str
+    new_text: str = ""
+    new_logprobs: list[Logprob] | None = None  # logprobs of new_token_ids (when asked; may lack the first token's)
+    num_output_tokens: int = 0  # generated so far, new_token_ids included
     finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
-    logprobs: list[Logprob] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "prefilled"
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: str | None = None  # why a request was aborted by the system (e.g. its KV transfer failed)
+    # Final output only:
+    prompt_token_ids: list[int] | None = None
+    token_ids: list[int] | None = None  # every generated token
+    text: str | None = None  # generated text (stop string removed once matched)
+    logprobs: list[Logprob] | None = None

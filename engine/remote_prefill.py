@@ -7,6 +7,7 @@ token (sampled by the prefill worker) is known. A rank's failure, or the deadlin
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -18,12 +19,13 @@ class _Pending:
 
 
 class RemotePrefills:
-    def __init__(self, tp_size: int) -> None:
+    def __init__(self, tp_size: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.tp_size = tp_size
+        self.clock = clock  # seconds; tests pass their own
         self.pending: dict[str, _Pending] = {}
 
     def add(self, request_id: str, timeout_s: float) -> None:
-        self.pending[request_id] = _Pending(deadline=time.monotonic() + timeout_s)
+        self.pending[request_id] = _Pending(deadline=self.clock() + timeout_s)
 
     def set_first_token(self, request_id: str, token: int) -> None:
         p = self.pending.get(request_id)
@@ -48,7 +50,7 @@ class RemotePrefills:
         for rid, _ in ready:
             del self.pending[rid]
         # Whatever is not ready by its deadline fails: KV still missing, or the first token never came.
-        now = time.monotonic()
+        now = self.clock()
         for rid, p in list(self.pending.items()):
             if p.deadline < now:
                 failed[rid] = ("KV transfer did not complete within its deadline" if p.landed_ranks < self.tp_size

@@ -1,77 +1,126 @@
-"""Model runner: owns the model and the KV tensors; turns a `SchedulerOutput` into one forward pass and samples.
+"""Model runner: owns the model, the KV tensors and the persistent batch; turns a `SchedulerOutput` into one
+forward pass and samples.
 
-It is the only place that touches both scheduling data and tensors. Per step it builds flat token ids, positions,
-the slot mapping (where each new K/V goes) and the attention metadata, runs the model inside the attention
-context, computes logits only for rows that sample, and synchronises with the host once to read the tokens.
+It is the only place that touches both scheduling data and tensors. Per step it applies the scheduler's diff to
+the persistent batch, builds the flat inputs (one host-to-device copy), runs the model inside the attention
+context, computes logits only for rows that sample, samples on every rank (identical logits and counter-based
+noise give identical tokens, so each rank feeds its own next step) and, on rank 0, starts one non-blocking copy
+of the tokens (and logprobs) to the host. `execute` returns at once with a `PendingStep`; its `result()` waits
+for that copy: the step's one host synchronisation, which async scheduling defers until the next step is queued.
 
 On CUDA, pure-decode steps (one new token per sequence) take a fast path: the Triton paged-attention kernels,
-replayed as a CUDA graph of the padded batch when the step needs no per-layer hook. Environment switches (read
-once per runner): KVRELAY_ENFORCE_EAGER=1 disables the graphs, KVRELAY_DECODE_KERNEL=0 the Triton decode path (and
-with it the graphs). CPU, prefill and mixed steps always run the portable torch path.
+replayed as a CUDA graph of the padded batch when the step needs no per-layer hook. `RuntimeConfig` switches them
+(enforce_eager disables the graphs, decode_kernel=False the Triton decode path and with it the graphs). CPU,
+prefill and mixed steps always run the portable torch path.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
-from engine.config import CacheConfig, ModelConfig, SchedulerConfig
+from engine.config import CacheConfig, ModelConfig, RuntimeConfig, SchedulerConfig
 from engine.cuda_graphs import DecodeGraphs
-from engine.decode_inputs import LENGTH, POSITION, SLOT, TOKEN, is_pure_decode, prepare_decode
 from engine.distributed.parallel_state import get_tp
+from engine.input_batch import BATCH_SLOT, LENGTH, POSITION, SLOT, PersistentBatch, StepInputs, to_device
+from engine.layers import fused_ops
 from engine.layers.attention import Attention
 from engine.layers.attention_context import AttentionMetadata, attention_context
 from engine.models.loader import TORCH_DTYPES, load_model
-from engine.sampler import Sampler
-from engine.scheduler import SchedulerOutput
+from engine.sampler import Sampler, SamplerOutput
+from engine.scheduler import SLOTS_PER_SEAT
+from engine.scheduler_output import SchedulerOutput
 
 CPU_DEFAULT_KV_BYTES = 1 << 30  # with no budget given on CPU: 1 GiB of KV
 MAX_GRAPH_BATCH = 512  # larger decode batches run the Triton path eagerly (launch overhead is small next to them)
 
 
-def _env_flag(name: str, default: bool) -> bool:
-    value = os.environ.get(name)
-    return default if value is None else value.strip().lower() not in ("0", "false", "no", "")
-
-
 @dataclass
 class StepResult:
-    """Tokens sampled this step, by request id (only requests whose chunk reached their last token)."""
+    """Tokens sampled by one step, for its sampling rows in row order (rank 0; other ranks get an empty list)."""
 
-    token_ids: dict[str, int]
+    token_ids: list[int]
     # request id -> (logprob of the sampled token, [(token id, logprob)] top-n), for requests that asked.
-    logprobs: dict[str, tuple[float, list[tuple[int, float]]]]
+    logprobs: dict[str, tuple[float, list[tuple[int, float]]]] = field(default_factory=dict)
     # What each rank's worker extension returned from end_step, in rank order (empty without an extension).
     ext_events: list[Any] = field(default_factory=list)
 
 
+class PendingStep:
+    """A step queued on the device; `result()` waits for its tokens (an event, not a device-wide sync)."""
+
+    def __init__(self, out: SchedulerOutput, inputs: StepInputs, so: SamplerOutput | None, rank0: bool,
+                 ext_events: list[Any], logprobs_asked: np.ndarray | None = None) -> None:
+        """`logprobs_asked`: logprobs=n of each sampling row (-1: not asked)."""
+        self.ext_events = ext_events
+        self._out, self._rows, self._asked = out, inputs.sample_rows, logprobs_asked
+        self._host: list[torch.Tensor] = []
+        self._event = None
+        self._lp = so is not None and so.sampled_logprobs is not None
+        if so is None or not rank0:
+            return
+        parts = [so.token_ids]
+        if self._lp:
+            parts += [so.sampled_logprobs, *([so.top_token_ids, so.top_logprobs] if so.top_logprobs is not None
+                                             else [])]
+        cuda = so.token_ids.is_cuda
+        for t in parts:
+            if cuda:
+                h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                h.copy_(t, non_blocking=True)
+                self._host.append(h)
+            else:
+                self._host.append(t)
+        if cuda:
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def result(self) -> StepResult:
+        if self._event is not None:
+            self._event.synchronize()
+        if not self._host:
+            return StepResult([], {}, self.ext_events)
+        tokens = self._host[0].tolist()
+        result = StepResult(tokens, {}, self.ext_events)
+        if self._lp:
+            lp = self._host[1].tolist()
+            top_ids = self._host[2].tolist() if len(self._host) > 2 else None
+            top_lp = self._host[3].tolist() if len(self._host) > 2 else None
+            for i, b in enumerate(self._rows.tolist()):
+                n = int(self._asked[i])
+                if n >= 0:
+                    top = list(zip(top_ids[i][:n], top_lp[i][:n])) if top_ids and n else []
+                    result.logprobs[self._out.request_ids[b]] = (lp[i], top)
+        return result
+
+
 class ModelRunner:
     def __init__(self, model: ModelConfig, cache: CacheConfig, sched: SchedulerConfig, device: str = "cpu",
-                 load_format: str = "auto", enforce_eager: bool | None = None,
-                 decode_kernel: bool | None = None) -> None:
-        """`enforce_eager` / `decode_kernel` default to the KVRELAY_ENFORCE_EAGER / KVRELAY_DECODE_KERNEL
-        switches; both only matter on CUDA."""
+                 load_format: str = "auto", runtime: RuntimeConfig | None = None) -> None:
         self.model_config, self.cache_config, self.sched_config = model, cache, sched
         self.device = torch.device(device)
         if self.device.type == "cuda":
             if self.device.index is None:  # "cuda" means the current device; pin it so memory queries work
                 self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
+        self.runtime = (runtime or RuntimeConfig()).resolved(str(self.device))
+        fused_ops.set_enabled(self.runtime.fused_ops)
         self.dtype = TORCH_DTYPES[model.dtype]
         self.block_size = cache.block_size
         self.model = load_model(model, self.device, max_positions=sched.max_model_len, load_format=load_format)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        self.sampler = Sampler(self.device)
+        self.sampler = Sampler()
+        self.max_blocks_per_seq = -(-sched.max_model_len // self.block_size)
+        self.batch = PersistentBatch(sched.max_num_seqs * SLOTS_PER_SEAT, self.max_blocks_per_seq, self.block_size,
+                                     self.device)
         self.num_blocks = 0  # set by allocate_kv_cache (tensor-parallel ranks first agree on the count)
         cuda = self.device.type == "cuda"
-        self.decode_kernel = cuda and (decode_kernel if decode_kernel is not None
-                                       else _env_flag("KVRELAY_DECODE_KERNEL", True))
-        eager = enforce_eager if enforce_eager is not None else _env_flag("KVRELAY_ENFORCE_EAGER", False)
+        self.decode_kernel = cuda and self.runtime.decode_kernel
         # Graphs with TP > 1 would capture NCCL all-reduces; not yet verified on several GPUs, so TP ranks run eager.
-        self.use_graphs = self.decode_kernel and not eager and get_tp().size == 1
+        self.use_graphs = self.decode_kernel and not self.runtime.enforce_eager and get_tp().size == 1
         self.graphs: DecodeGraphs | None = None  # captured by allocate_kv_cache
 
     def allocate_kv_cache(self, num_blocks: int | None = None) -> int:
@@ -84,9 +133,8 @@ class ModelRunner:
         for i, layer in enumerate(self.attn_layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
         if self.use_graphs:
-            max_blocks = -(-self.sched_config.max_model_len // self.block_size)
-            self.graphs = DecodeGraphs(self.model, min(self.sched_config.max_num_seqs, MAX_GRAPH_BATCH), max_blocks,
-                                       self.device)
+            self.graphs = DecodeGraphs(self.model, min(self.sched_config.max_num_seqs, MAX_GRAPH_BATCH),
+                                       self.max_blocks_per_seq, self.device)
             self.graphs.capture()
         return self.num_blocks
 
@@ -129,107 +177,77 @@ class ModelRunner:
         return budget
 
     # ---- one step -----------------------------------------------------------------------------------------
-    def _prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_start = [0]
-        seq_lens: list[int] = []
-        max_q = max(len(s.token_ids) for s in out.seqs)
-        max_blocks = max(len(s.block_table) for s in out.seqs)
-        tables: list[list[int]] = []
-        qpos: list[list[int]] = []
-        pad_index: list[int] = []
-        for b, s in enumerate(out.seqs):
-            n = len(s.token_ids)
-            input_ids.extend(s.token_ids)
-            pos = range(s.start, s.start + n)
-            positions.extend(pos)
-            slots.extend(s.block_table[p // bs] * bs + p % bs for p in pos)
-            query_start.append(query_start[-1] + n)
-            seq_lens.append(s.start + n)
-            tables.append(s.block_table + [0] * (max_blocks - len(s.block_table)))
-            qpos.append(list(pos) + [0] * (max_q - n))
-            pad_index.extend(range(b * max_q, b * max_q + n))
-
-        def dev(x: list) -> torch.Tensor:
-            return torch.tensor(x, dtype=torch.int64).to(self.device, non_blocking=True)
-
-        meta = AttentionMetadata(
-            slot_mapping=dev(slots),
-            query_start=query_start,
-            seq_lens_host=seq_lens,
-            seq_lens=dev(seq_lens),
-            block_tables=dev(tables),
-            query_positions=dev(qpos),
-            query_pad_index=dev(pad_index),
+    def _torch_metadata(self, out: SchedulerOutput, inp: StepInputs) -> AttentionMetadata:
+        """Metadata of the portable torch path (prefill, mixed and CPU steps)."""
+        starts = np.asarray(out.starts, dtype=np.int64)
+        counts = np.diff(inp.query_start)
+        seq_lens = starts + counts
+        n, max_q = len(starts), int(counts.max())
+        qpos = starts[:, None] + np.arange(max_q)[None, :]
+        qpos[np.arange(max_q)[None, :] >= counts[:, None]] = 0
+        row = np.repeat(np.arange(n), counts)
+        pad_index = row * max_q + np.arange(len(row)) - inp.query_start[row]
+        width = -(-int(seq_lens.max()) // self.block_size)
+        dev = to_device(np.concatenate([seq_lens, qpos.ravel(), pad_index]), self.device)
+        slots = inp.packed[BATCH_SLOT][to_device(inp.query_start[:-1].copy(), self.device)]
+        return AttentionMetadata(
+            slot_mapping=inp.packed[SLOT],
+            query_start=inp.query_start.tolist(),
+            seq_lens_host=seq_lens.tolist(),
+            seq_lens=dev[:n],
+            block_tables=self.batch.tables[slots, :width],
+            query_positions=dev[n:n + n * max_q].view(n, max_q),
+            query_pad_index=dev[n + n * max_q:],
             max_query_len=max_q,
-            all_fresh_prefill=all(s.start == 0 for s in out.seqs),
+            all_fresh_prefill=not starts.any(),
         )
-        return dev(input_ids), dev(positions), meta
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, extension: Any = None) -> StepResult:
-        """Run one step; `extension` (a worker extension) sees the step's start, each layer's KV, its end."""
-        decode = self.decode_kernel and is_pure_decode(out.seqs)
-        # A graph cannot call back into Python per layer. Only steps that send KV (a ScheduledSeq carrying
-        # `transfer`) need the per-layer hook (kv_transfer's on_layer does nothing in other steps), so only
-        # those run eagerly when an extension is present.
-        hooks = extension is not None and any(s.transfer is not None for s in out.seqs)
-        graph = decode and self.graphs is not None and not hooks and len(out.seqs) <= self.graphs.max_batch
-        if graph:
-            inputs = prepare_decode(out.seqs, self.block_size, self.graphs.bucket_for(len(out.seqs)))
-        elif decode:
-            inputs = prepare_decode(out.seqs, self.block_size, len(out.seqs))
-            packed = inputs.packed.to(self.device, non_blocking=True)
-            input_ids, positions = packed[TOKEN], packed[POSITION]
-            meta = AttentionMetadata.for_decode(packed[SLOT], packed[LENGTH],
-                                                inputs.block_tables.to(self.device, non_blocking=True))
+    def execute(self, out: SchedulerOutput, extension: Any = None) -> PendingStep:
+        """Queue one step; `extension` (a worker extension) sees the step's start, each layer's KV, its end."""
+        self.batch.apply(out)
+        n = out.num_rows
+        decode = self.decode_kernel and out.is_pure_decode
+        # A graph cannot call back into Python per layer. Only steps that send KV (rows in `out.transfers`) need
+        # the per-layer hook (kv_transfer's on_layer does nothing in other steps), so only those run eagerly.
+        hooks = extension is not None and bool(out.transfers)
+        graph = decode and self.graphs is not None and not hooks and n <= self.graphs.max_batch
+        inp = self.batch.prepare(out, self.graphs.bucket_for(n) if graph else out.total_tokens)
+        meta = None
+        if decode:
+            tables = self.batch.tables[inp.packed[BATCH_SLOT]]  # [padded, max blocks per sequence]
+            if not graph:
+                meta = AttentionMetadata.for_decode(inp.packed[SLOT], inp.packed[LENGTH], tables)
         else:
-            input_ids, positions, meta = self._prepare(out)
+            meta = self._torch_metadata(out, inp)
         if extension is not None:
             extension.begin_step(out)
         try:
             if graph:
-                hidden = self.graphs.run(inputs)  # [num_seqs, hidden]
+                hidden = self.graphs.run(inp.input_ids, inp.packed, tables, n)  # [n, hidden]
             else:
                 if extension is not None:
                     meta.on_layer_kv_written = extension.on_layer
                 with attention_context(meta):
-                    hidden = self.model(input_ids, positions)  # [num_tokens, hidden]
+                    hidden = self.model(inp.input_ids, inp.packed[POSITION])  # [num_tokens, hidden]
         except BaseException:
             if extension is not None:
                 extension.abort_step(out)  # e.g. a half-sent step: its channels must not be reused as is
             raise
         events = [extension.end_step(out)] if extension is not None else []
-        # Row of each sequence's last token in `hidden` (pure decode: row b is sequence b).
-        ends = list(range(len(out.seqs))) if decode else [e - 1 for e in meta.query_start[1:]]
-        result = self._sample(out, ends, hidden)
-        result.ext_events = events
-        return result
+        so = self._sample(out, inp, hidden, decode)
+        asked = self.batch.logprobs[np.asarray(out.slots, dtype=np.int64)[inp.sample_rows]]
+        return PendingStep(out, inp, so, get_tp().rank == 0, events, asked)
 
-    def _sample(self, out: SchedulerOutput, ends: list[int], hidden: torch.Tensor) -> StepResult:
-        rows = [b for b, s in enumerate(out.seqs) if s.sample]
-        if not rows:
-            return StepResult({}, {})
-        if len(rows) < hidden.shape[0]:  # otherwise every row is a sequence's last token, in order
-            hidden = hidden[torch.tensor([ends[b] for b in rows]).to(self.device, non_blocking=True)]
-        logits = self.model.compute_logits(hidden)  # [num_sampled, vocab]
-        if get_tp().rank != 0:
-            return StepResult({}, {})  # only rank 0 samples; other ranks just took part in the collectives
-        seqs = [out.seqs[b] for b in rows]
-        so = self.sampler(logits, [s.params for s in seqs], [s.num_output_tokens for s in seqs])
-        tokens = so.token_ids.tolist()  # the step's one host synchronisation
-        result = StepResult({s.request_id: t for s, t in zip(seqs, tokens)}, {})
-        if so.sampled_logprobs is not None:
-            lp = so.sampled_logprobs.tolist()
-            top_lp = so.top_logprobs.tolist() if so.top_logprobs is not None else None
-            top_ids = so.top_token_ids.tolist() if so.top_token_ids is not None else None
-            for i, s in enumerate(seqs):
-                n = s.params.logprobs
-                if n is None:
-                    continue
-                top = list(zip(top_ids[i][:n], top_lp[i][:n])) if top_ids and top_lp and n else []
-                result.logprobs[s.request_id] = (lp[i], top)
-        return result
+    def _sample(self, out: SchedulerOutput, inp: StepInputs, hidden: torch.Tensor,
+                decode: bool) -> SamplerOutput | None:
+        if inp.sampling is None:
+            return None
+        rows = inp.sample_rows
+        if len(rows) < hidden.shape[0]:  # otherwise every row of `hidden` is a sampling row's last token, in order
+            ends = rows if decode else inp.query_start[1:][rows] - 1
+            hidden = hidden[to_device(np.ascontiguousarray(ends), self.device)]
+        logits = self.model.compute_logits(hidden)  # [num_sampled, vocab], the full vocabulary on every rank
+        so = self.sampler(logits, inp.sampling)
+        self.batch.record_sampled(inp.sample_slots, so.token_ids)
+        return so

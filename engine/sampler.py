@@ -1,9 +1,11 @@
 """Logits -> next tokens for a batch with per-request parameters, without synchronising the host.
 
-Greedy rows take the argmax. Sampled rows apply temperature, then top-k and top-p on the sorted logits, and draw
-with the exponential-race trick (argmax of p / E with E ~ Exp(1)), which equals sampling from p and lets a seeded
-request draw its noise from its own generator. That generator is re-seeded from (seed, output index) each step,
-so a seeded request gives the same tokens alone or batched, and again after a preemption.
+Parameters arrive as device tensors gathered from the runner's persistent batch (no `torch.tensor(list)` per
+step), plus a few host flags the runner computes from its host mirror (all greedy? any top-k / top-p? logprobs?),
+so no value is read back from the device. Greedy rows (temperature 0, or below GREEDY_EPS) take the argmax.
+Sampled rows apply temperature, then top-k and top-p as a per-row threshold on the scaled logits, and draw with
+the Gumbel-max trick, whose noise is a hash of (noise seed, output index, token id): a seeded request gives the
+same tokens alone or batched, on every tensor-parallel rank, and again after a preemption.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.sampling_params import SamplingParams
+from engine.sampling_noise import gumbel, row_keys
 
 
 @dataclass
@@ -24,55 +26,60 @@ class SamplerOutput:
     top_token_ids: torch.Tensor | None = None  # [num_seqs, max_n] int64
 
 
-def _seed_for(seed: int, step: int) -> int:
-    return (seed * 0x9E3779B97F4A7C15 + step) % (2**63 - 1)
+@dataclass
+class SamplingBatch:
+    """Per-row sampling inputs on the logits' device, and host flags about them."""
+
+    temperature: torch.Tensor  # [n] float32, 0 = greedy
+    top_k: torch.Tensor  # [n] int64, 0 = off
+    top_p: torch.Tensor  # [n] float32, 1 = off
+    noise_seed: torch.Tensor  # [n] int64
+    output_index: torch.Tensor  # [n] int64: which output of its request each row samples
+    all_greedy: bool
+    use_top_k: bool
+    use_top_p: bool
+    max_logprobs: int | None  # largest logprobs=n asked in the batch; None when no row asks
+
+
+def _thresholds(scaled: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    """[n] float32: the smallest scaled logit each row keeps under its top-k and top-p (-inf keeps all)."""
+    n, vocab = scaled.shape
+    sorted_logits = scaled.sort(dim=-1, descending=True).values  # [n, vocab]
+    keep = torch.full((n,), vocab, dtype=torch.int64, device=scaled.device)  # entries kept, most likely first
+    if b.use_top_k:
+        keep = torch.where(b.top_k > 0, torch.minimum(b.top_k, keep), keep)
+    if b.use_top_p:
+        probs = sorted_logits.softmax(dim=-1)
+        # Keep a token while the mass before it is still below top_p (so the top token always stays).
+        within = ((probs.cumsum(dim=-1) - probs) < b.top_p[:, None]).sum(dim=-1)
+        keep = torch.minimum(keep, within.clamp(min=1))
+    return sorted_logits.gather(-1, (keep - 1)[:, None]).squeeze(-1)
 
 
 class Sampler:
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self._gen = torch.Generator(device=device)
-
-    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], steps: list[int]) -> SamplerOutput:
-        # logits: [num_seqs, vocab] float32; steps[i]: index of the token being sampled for row i
-        num_seqs, vocab = logits.shape
+    def __call__(self, logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
+        # logits: [num_seqs, vocab] float32
         out = SamplerOutput(token_ids=logits.argmax(dim=-1))
-        max_lp = max((p.logprobs for p in params if p.logprobs is not None), default=None)
-        if max_lp is not None:
+        if b.max_logprobs is not None:
             logp = torch.log_softmax(logits, dim=-1)
-            out.sampled_logprobs = logp  # replaced below once tokens are known
-            if max_lp > 0:
-                out.top_logprobs, out.top_token_ids = logp.topk(max_lp, dim=-1)
-        if all(p.greedy for p in params):
-            if max_lp is not None:
-                out.sampled_logprobs = logp.gather(-1, out.token_ids[:, None]).squeeze(-1)
-            return out
+            if b.max_logprobs > 0:
+                out.top_logprobs, out.top_token_ids = logp.topk(b.max_logprobs, dim=-1)
+        if not b.all_greedy:
+            temp = b.temperature
+            keys = row_keys(b.noise_seed, b.output_index)
+            scaled = logits / torch.where(temp > 0, temp, 1.0)[:, None]
+            if b.use_top_k or b.use_top_p:  # greedy rows keep everything: their argmax ignores top-k/top-p
+                thresh = torch.where(temp > 0, _thresholds(scaled, b), float("-inf"))
+            else:
+                thresh = torch.full_like(temp, float("-inf"))
+            if logits.is_cuda:
+                from engine.layers.triton_sampling import gumbel_argmax
 
-        dev = logits.device
-        temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=dev)
-        scaled = logits / temps[:, None]
-        use_k = any(p.effective_top_k for p in params)
-        use_p = any(p.top_p < 1.0 for p in params)
-        if use_k or use_p:
-            sorted_logits, order = scaled.sort(dim=-1, descending=True)
-            if use_k:
-                k = torch.tensor([p.effective_top_k or vocab for p in params], device=dev)
-                sorted_logits.masked_fill_(torch.arange(vocab, device=dev)[None, :] >= k[:, None], float("-inf"))
-            if use_p:
-                top_p = torch.tensor([p.top_p for p in params], device=dev)
-                probs = sorted_logits.softmax(dim=-1)
-                # Drop a token when the mass before it already reaches top_p (the top token always stays).
-                sorted_logits.masked_fill_(probs.cumsum(dim=-1) - probs >= top_p[:, None], float("-inf"))
-            scaled = torch.full_like(scaled, float("-inf")).scatter_(-1, order, sorted_logits)
-        probs = scaled.softmax(dim=-1)
-        noise = torch.empty_like(probs).exponential_(generator=self._gen)
-        for i, p in enumerate(params):
-            if p.seed is not None and not p.greedy:
-                g = torch.Generator(device=dev).manual_seed(_seed_for(p.seed, steps[i]))
-                noise[i].exponential_(generator=g)
-        sampled = (probs / noise).argmax(dim=-1)
-        greedy = torch.tensor([p.greedy for p in params], device=dev)
-        out.token_ids = torch.where(greedy, out.token_ids, sampled)
-        if max_lp is not None:
+                out.token_ids = gumbel_argmax(logits, temp, thresh, keys)
+            else:
+                noisy = (scaled + gumbel(keys, logits.shape[1])).masked_fill_(scaled < thresh[:, None],
+                                                                             float("-inf"))
+                out.token_ids = torch.where(temp > 0, noisy.argmax(dim=-1), out.token_ids)
+        if b.max_logprobs is not None:
             out.sampled_logprobs = logp.gather(-1, out.token_ids[:, None]).squeeze(-1)
         return out

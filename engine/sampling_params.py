@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 MAX_LOGPROBS = 20
+# Temperatures below this sample as greedy: dividing logits by a tiny temperature overflows them to inf/nan.
+GREEDY_EPS = 1e-5
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick each next token and when to stop.
 
-    temperature 0 is greedy; top_k 0 (or -1) and top_p 1.0 disable those filters. A `seed` makes the request's
-    samples reproducible whatever else shares its batch. `stop` strings end generation and are cut from the text;
+    temperature 0 (or below GREEDY_EPS) is greedy; top_k 0 (or -1) and top_p 1.0 disable those filters. A `seed`
+    makes the request's samples reproducible whatever else shares its batch. `stop` strings end generation and are
+    cut from the text;
     `stop_token_ids` (and the model's EOS unless `ignore_eos`) end it too. `logprobs=n` returns, for each generated
     token, its log-probability and the top-n alternatives under the model's unmodified distribution.
     """
@@ -37,11 +41,12 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not self.temperature >= 0.0:  # also rejects NaN
-            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature!r}")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature >= 0.0):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {self.temperature!r}")
         if not isinstance(self.top_k, int) or self.top_k < -1:
             raise ValueError(f"top_k must be an integer >= 0 (0 or -1 disables it), got {self.top_k!r}")
-        if not 0.0 < self.top_p <= 1.0:
+        if not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):  # rejects NaN too
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
@@ -54,7 +59,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_EPS
 
     @property
     def effective_top_k(self) -> int:

@@ -4,51 +4,35 @@ Each step shares one token budget between running requests (decodes, or the next
 waiting ones (new prompts, or preempted requests being recomputed). Running requests go first, oldest first; when
 the pool cannot give a running request its next block, the newest running request is preempted (its blocks freed,
 recomputed later) until it can. New requests are admitted first-come first-served while blocks and budget last,
-and not at all in a step that had to preempt. The `SchedulerOutput` is the only thing the runner sees.
+and not at all in a step that had to preempt. The `SchedulerOutput` (a diff against the runner's persistent batch)
+is the only thing the runner sees.
+
+Scheduling a row commits it at once: the request's computed tokens advance and a sampled token becomes a
+placeholder, so the next step can be scheduled before this one is collected (async scheduling). `update` then
+resolves the placeholders in step order. A request that finishes while a step computing it is still in flight
+keeps its blocks and its batch slot until that step is collected, so no in-flight step writes into blocks that
+someone else owns. Preemption frees blocks at once, so the engine collects every step in flight before a step
+that may preempt (see `may_preempt`). Work per step is O(rows scheduled), never O(blocks held).
 """
 
 from __future__ import annotations
 
+import random
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 from engine.config import CacheConfig, SchedulerConfig
 from engine.kv_cache.block_manager import BlockManager, cdiv
-from engine.sampling_params import SamplingParams
+from engine.scheduler_output import NewRequest, SchedulerOutput
 from engine.sequence import Sequence, SequenceStatus
 
-
-@dataclass(frozen=True)
-class ScheduledSeq:
-    """One request's work in a step: compute tokens [start, start + len(token_ids)) of it (picklable)."""
-
-    request_id: str
-    token_ids: list[int]  # the new tokens whose KV this step computes
-    start: int  # position of token_ids[0] == tokens already in the cache
-    block_table: list[int]  # covers positions [0, start + len(token_ids))
-    sample: bool  # the chunk ends at the sequence's last token: sample the next one
-    params: SamplingParams
-    num_output_tokens: int  # outputs so far (index of the token to sample; seeds derive from it)
-    transfer: dict | None = None  # set in the step that completes a prompt whose KV is sent elsewhere
-
-
-@dataclass
-class SchedulerOutput:
-    seqs: list[ScheduledSeq] = field(default_factory=list)
-    preempted: list[str] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(s.token_ids) for s in self.seqs)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.seqs
+# A persistent batch has twice the seats: requests that finished while a step computing them is in flight keep
+# their slot until it is collected, while new requests already take seats.
+SLOTS_PER_SEAT = 2
 
 
 class Scheduler:
-    """Mutates: the waiting and running queues, sequences' state, and the block manager."""
+    """Mutates: the waiting and running queues, sequences' state, the block manager and the slot free list."""
 
     def __init__(
         self, config: SchedulerConfig, cache: CacheConfig, num_blocks: int, eos_token_ids: Iterable[int] = ()
@@ -62,6 +46,10 @@ class Scheduler:
         self.seqs: dict[str, Sequence] = {}
         self.remote: dict[str, Sequence] = {}  # prompt KV reserved here, being computed by a prefill worker
         self.num_preemptions = 0
+        self.num_slots = config.max_num_seqs * SLOTS_PER_SEAT
+        self._free_slots = list(range(self.num_slots - 1, -1, -1))  # pop() hands out slot 0 first
+        self._inflight: deque[tuple[SchedulerOutput, list[Sequence]]] = deque()
+        self._rng = random.Random()
 
     # ---- intake -------------------------------------------------------------------------------------------
     @property
@@ -69,7 +57,7 @@ class Scheduler:
         """Longest total length a request may reach: the model limit and the whole pool bound it."""
         return min(self.config.max_model_len, self.blocks.pool.num_blocks * self.block_size)
 
-    def add(self, seq: Sequence) -> None:
+    def _check_new(self, seq: Sequence) -> None:
         if seq.request_id in self.seqs:
             raise ValueError(f"request id {seq.request_id!r} is already in use")
         limit = self.max_seq_len
@@ -79,20 +67,24 @@ class Scheduler:
                 f"(max_model_len {self.config.max_model_len}, KV pool {self.blocks.pool.num_blocks} blocks of "
                 f"{self.block_size})"
             )
+        seq.noise_seed = seq.params.seed if seq.params.seed is not None else self._rng.getrandbits(62)
+
+    def add(self, seq: Sequence) -> None:
+        self._check_new(seq)
         self.seqs[seq.request_id] = seq
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running or self.remote)
+        return bool(self.waiting or self.running or self.remote or self._inflight)
+
+    @property
+    def num_inflight_steps(self) -> int:
+        return len(self._inflight)
 
     # ---- remote prefill (decode side) ---------------------------------------------------------------------
     def reserve_remote(self, seq: Sequence) -> list[int] | None:
         """Reserve blocks for a prompt another worker will prefill; None when blocks or seats are short now."""
-        if seq.request_id in self.seqs:
-            raise ValueError(f"request id {seq.request_id!r} is already in use")
-        if seq.num_prompt_tokens >= self.max_seq_len:
-            raise ValueError(f"request {seq.request_id!r}: prompt has {seq.num_prompt_tokens} tokens; at most "
-                             f"{self.max_seq_len - 1} fit")
+        self._check_new(seq)
         if len(self.running) + len(self.remote) >= self.config.max_num_seqs:
             return None
         # Local work waiting (new or preempted) goes first, and running requests keep a block each to grow into:
@@ -115,27 +107,60 @@ class Scheduler:
         seq.append_token(first_token)
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
-        reason = self._token_stop(seq, first_token)
+        reason = self._token_stop(seq, first_token, 0)
         if reason is not None:
             self.finish(request_id, reason)
         return seq
 
     # ---- one step -----------------------------------------------------------------------------------------
-    def _scheduled(self, seq: Sequence, n: int) -> ScheduledSeq:
+    def may_preempt(self) -> bool:
+        """Whether the next `schedule` could have to preempt: running rows need at most one block each plus one
+        per block of budget. O(1), conservative; the engine drains steps in flight first when it says so."""
+        budget_blocks = cdiv(self.config.max_num_batched_tokens, self.block_size)
+        return self.blocks.num_free_blocks < len(self.running) + budget_blocks
+
+    def _can_step(self, seq: Sequence) -> bool:
+        """Whether a running request has work to schedule now. With steps in flight, a request whose sampled
+        tokens already reach its limits, or whose prompt is complete and goes elsewhere, waits for collection."""
+        if seq.num_placeholders == 0:
+            return True
+        if seq.transfer is not None and seq.num_output_tokens > 0:
+            return False
+        return seq.num_output_tokens < seq.params.max_tokens and seq.num_tokens < self.max_seq_len
+
+    def _commit(self, out: SchedulerOutput, seq: Sequence, n: int) -> None:
+        """Add a row computing tokens [computed, computed + n) of `seq` and advance the sequence past them."""
+        if seq.slot < 0:
+            seq.slot = self._free_slots.pop()
+            seq.num_sent_blocks = 0
+            out.new_requests.append(NewRequest(seq.request_id, seq.slot, seq.params, seq.noise_seed))
+        table = seq.block_table
+        if seq.num_sent_blocks < len(table):
+            out.new_blocks.append((seq.slot, seq.num_sent_blocks, table[seq.num_sent_blocks:]))
+            seq.num_sent_blocks = len(table)
         start = seq.num_computed_tokens
-        return ScheduledSeq(
-            request_id=seq.request_id,
-            token_ids=seq.token_ids[start:start + n],
-            start=start,
-            block_table=list(seq.block_table[:cdiv(start + n, self.block_size)]),
-            sample=start + n == seq.num_tokens,
-            params=seq.params,
-            num_output_tokens=seq.num_output_tokens,
-            transfer=seq.transfer if start + n == seq.num_tokens and seq.num_output_tokens == 0 else None,
-        )
+        end = start + n
+        sample = end == seq.num_tokens
+        if sample and seq.transfer is not None and seq.num_output_tokens == 0:
+            out.transfers[len(out.request_ids)] = (seq.transfer, list(table))
+        out.request_ids.append(seq.request_id)
+        out.slots.append(seq.slot)
+        out.starts.append(start)
+        out.num_tokens.append(n)
+        out.output_index.append(seq.num_output_tokens if sample else -1)
+        if n == 1:
+            out.token_ids.append(seq.token_ids[start])
+        else:
+            out.token_ids.extend(seq.token_ids[start:end])
+        seq.num_computed_tokens = end
+        if sample:
+            seq.append_placeholder()
+        seq.inflight += 1
 
     def _preempt(self, seq: Sequence) -> None:
-        self.blocks.free(seq)
+        if self._inflight:
+            raise RuntimeError("preemption with steps in flight: collect them first (see may_preempt)")
+        self._release(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -143,10 +168,14 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        rows: list[Sequence] = []
         budget = self.config.max_num_batched_tokens
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if not self._can_step(seq):
+                i += 1
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.blocks.allocate(seq, n):
                 victim = self.running.pop()
@@ -155,64 +184,89 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                out.seqs.append(self._scheduled(seq, n))
+                self._commit(out, seq, n)
+                rows.append(seq)
                 budget -= n
                 i += 1
-        if out.preempted:
-            return out
-        while self.waiting and budget > 0 and len(self.running) + len(self.remote) < self.config.max_num_seqs:
-            seq = self.waiting[0]
-            prefix = self.blocks.find_cached_prefix(seq)
-            n = seq.num_tokens - len(prefix) * self.block_size
-            if n > budget:
-                if not self.config.enable_chunked_prefill:
+        if not out.preempted:
+            while self.waiting and budget > 0 and len(self.running) + len(self.remote) < self.config.max_num_seqs:
+                seq = self.waiting[0]
+                prefix = self.blocks.find_cached_prefix(seq)
+                n = seq.num_tokens - len(prefix) * self.block_size
+                if n > budget:
+                    if not self.config.enable_chunked_prefill:
+                        break
+                    n = budget
+                if not self.blocks.allocate(seq, n, prefix):
                     break
-                n = budget
-            if not self.blocks.allocate(seq, n, prefix):
-                break
-            self.waiting.popleft()
-            if not seq.admitted:  # count prefix hits once per request, not again after a preemption
-                seq.admitted = True
-                seq.num_cached_tokens = seq.num_computed_tokens
-                self.blocks.record_prefix_query(seq.num_prompt_tokens, seq.num_cached_tokens)
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            out.seqs.append(self._scheduled(seq, n))
-            budget -= n
+                self.waiting.popleft()
+                if not seq.admitted:  # count prefix hits once per request, not again after a preemption
+                    seq.admitted = True
+                    seq.num_cached_tokens = seq.num_computed_tokens
+                    self.blocks.record_prefix_query(seq.num_prompt_tokens, seq.num_cached_tokens)
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+                self._commit(out, seq, n)
+                rows.append(seq)
+                budget -= n
+        if rows:
+            self._inflight.append((out, rows))
         return out
 
-    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Sequence]:
-        """Apply a finished step: advance computed tokens, append sampled tokens, finish what hit a token limit.
+    def update(self, out: SchedulerOutput, sampled: list[int]) -> list[Sequence]:
+        """Collect the oldest step in flight: `sampled` holds the tokens of its sampling rows (output_index >= 0),
+        in row order. Resolves placeholders, finishes what hit EOS, a stop id or a length limit, and hands back the
+        blocks and slots of requests that finished while the step ran.
 
         Returns the sequences that got a new token (finished ones included, with `finish_reason` set).
         """
+        step, rows = self._inflight.popleft()
+        if step is not out:
+            raise RuntimeError("steps must be collected in the order they were scheduled")
         changed = []
-        for s in out.seqs:
-            seq = self.seqs.get(s.request_id)
-            if seq is None or seq.is_finished:  # aborted while the step ran
+        k = 0
+        for b, seq in enumerate(rows):
+            seq.inflight -= 1
+            index = out.output_index[b]
+            if index >= 0:
+                token = sampled[k]
+                k += 1
+            if seq.status == SequenceStatus.FINISHED:  # aborted or stopped while the step ran
+                if seq.release_pending and seq.inflight == 0:
+                    self._release(seq)
                 continue
-            seq.num_computed_tokens = s.start + len(s.token_ids)
+            if index < 0:
+                self.blocks.cache_full_blocks(seq)
+                continue
+            seq.resolve(token)
             self.blocks.cache_full_blocks(seq)
-            if s.request_id not in sampled:
-                continue
-            token = sampled[s.request_id]
-            seq.append_token(token)
             changed.append(seq)
-            reason = self._token_stop(seq, token)
+            reason = self._token_stop(seq, token, index)
             if reason is not None:
                 self.finish(seq.request_id, reason)
         return changed
 
-    def _token_stop(self, seq: Sequence, token: int) -> str | None:
+    def _token_stop(self, seq: Sequence, token: int, index: int) -> str | None:
+        """Why the request ends at its output `index` being `token`, if it does."""
         p = seq.params
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
             return "stop"
-        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_seq_len:
+        if index + 1 >= p.max_tokens or seq.num_prompt_tokens + index + 1 >= self.max_seq_len:
             return "length"
         return None
 
+    def _release(self, seq: Sequence) -> None:
+        """Give back the sequence's blocks and its batch slot."""
+        self.blocks.free(seq)
+        if seq.slot >= 0:
+            self._free_slots.append(seq.slot)
+            seq.slot = -1
+        seq.num_sent_blocks = 0
+        seq.release_pending = False
+
     def finish(self, request_id: str, reason: str) -> Sequence | None:
-        """End a request (stop, length or abort) and free its blocks. Unknown or finished ids are ignored."""
+        """End a request (stop, length or abort) and free its blocks, or, while a step computing it is in flight,
+        once that step is collected. Unknown or finished ids are ignored."""
         seq = self.seqs.pop(request_id, None)
         if seq is None:
             return None
@@ -222,7 +276,10 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.blocks.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        if seq.inflight > 0:
+            seq.release_pending = True
+        else:
+            self._release(seq)
         return seq

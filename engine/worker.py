@@ -36,7 +36,8 @@ class TPWorker:
         else:
             torch.cuda.set_device(self.device)
         self.group = TPGroup(rank, size, init_method, use_cuda=self.device != "cpu")
-        self.runner = ModelRunner(config.model, config.cache, config.scheduler, self.device, config.load_format)
+        self.runner = ModelRunner(config.model, config.cache, config.scheduler, self.device, config.load_format,
+                                  config.runtime)
         self.num_blocks = self.runner.allocate_kv_cache(self.group.min_across_ranks(self.runner.local_num_blocks()))
         self.extension = make_extension(config, self.runner, rank)
 
@@ -60,7 +61,7 @@ class TPWorker:
             if self.extension is not None and hasattr(self.extension, "keepalive"):
                 self.extension.keepalive()
             return ("ext", self.group.gather_to_rank0(None))
-        result: StepResult = self.runner.execute(msg, self.extension)
+        result: StepResult = self.runner.execute(msg, self.extension).result()
         events = self.group.gather_to_rank0(result.ext_events[0] if result.ext_events else None)
         result.ext_events = events if self.extension is not None and events is not None else []
         return result

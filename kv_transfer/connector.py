@@ -227,15 +227,15 @@ class KVConnector:
         self.out[peer] = chans
 
     def begin_step(self, out: Any) -> None:
-        """Announce this step's transfers (ScheduledSeqs whose prompt completes and carry `transfer`)."""
+        """Announce this step's transfers (rows of `out.transfers`: prompts completing this step whose KV goes
+        to a decode group)."""
         by_peer: dict[str, list[tuple[int, str, torch.Tensor]]] = {}
         bs = self.kv.shape[3]
-        for s in out.seqs:
-            if s.transfer is None or not s.sample:
-                continue
-            nb = -(-(s.start + len(s.token_ids)) // bs)
-            src = torch.tensor(s.block_table[:nb], dtype=torch.int64, device=self.device)
-            by_peer.setdefault(s.transfer["peer"], []).append((transfer_key(s.request_id), s.request_id, src))
+        for row, (transfer, table) in out.transfers.items():
+            nb = -(-(out.starts[row] + out.num_tokens[row]) // bs)
+            rid = out.request_ids[row]
+            src = torch.tensor(table[:nb], dtype=torch.int64, device=self.device)
+            by_peer.setdefault(transfer["peer"], []).append((transfer_key(rid), rid, src))
         self.step_sends = []
         for peer, items in by_peer.items():
             self.step_sends.append((peer, torch.cat([x[2] for x in items]), items))
@@ -260,7 +260,9 @@ class KVConnector:
                 ch.send((parts[0] if len(parts) == 1 else torch.cat(parts, dim=3)).contiguous())
 
     def end_step(self, out: Any) -> dict[str, Any]:
-        """Wait for this step's sends; returns {"sent": [ids], "failed": {id: error}}."""
+        """Wait for this step's sends; returns {"sent": [ids], "failed": {id: error}} and, on a rank that receives,
+        the transfers that landed or failed since the last step ({"landed": [ids], "recv_failed": {id: error}}),
+        so that a decode group learns of them with its step's result rather than by polling."""
         sent, failed = [], {}
         for peer, _, items in self.step_sends:
             chans = self.out.get(peer)
@@ -281,7 +283,11 @@ class KVConnector:
                 else:
                     sent.append(rid)
         self.step_sends = []
-        return {"sent": sent, "failed": failed}
+        events: dict[str, Any] = {"sent": sent, "failed": failed}
+        if self.generation:  # this rank receives (listen was called)
+            polled = self.poll()
+            events["landed"], events["recv_failed"] = polled["landed"], polled["failed"]
+        return events
 
     def abort_step(self, out: Any) -> None:
         """The forward failed mid-step: channels that carried part of this step are out of step with their

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from engine.llm_engine import EngineConfig
+from engine.config import EngineConfig
 from prefill_workers.worker import PrefillWorker
 from protos.serving import node_ip
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from engine.config import EngineConfig
 from engine.engine_loop import EngineLoop
-from engine.llm_engine import EngineConfig, LLMEngine
+from engine.llm_engine import LLMEngine
 from prefill_workers.service import PrefillService, add_to_server
 from protos.serving import AsyncServerThread
 

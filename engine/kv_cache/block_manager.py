@@ -87,10 +87,11 @@ class BlockManager:
         return True
 
     def cache_full_blocks(self, seq: Sequence) -> None:
-        """Register blocks whose every token now has computed KV, so later requests can share them."""
+        """Register blocks whose every token now has computed KV and a known id (not a placeholder of a step in
+        flight), so later requests can share them."""
         if not self.enable_prefix_caching:
             return
-        full = seq.num_computed_tokens // self.block_size
+        full = min(seq.num_computed_tokens, seq.num_resolved_tokens) // self.block_size
         if full <= seq.num_cached_blocks:
             return
         self._ensure_hashes(seq, full)

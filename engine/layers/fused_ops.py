@@ -1,5 +1,6 @@
-"""Whether a layer may use the fused Triton kernels of `triton_fused` for a tensor: on CUDA, unless the environment
-sets KVRELAY_FUSED_OPS=0 (read once, at import). Keeps triton out of CPU processes: it is imported on first use."""
+"""Whether a layer may use the fused Triton kernels of `triton_fused` for a tensor: on CUDA, unless the runner turned
+them off (`RuntimeConfig.fused_ops`, which KVRELAY_FUSED_OPS=0 overrides). Keeps triton out of CPU processes: it is
+imported on first use."""
 
 from __future__ import annotations
 
@@ -9,6 +10,12 @@ from types import ModuleType
 import torch
 
 ENABLED = os.environ.get("KVRELAY_FUSED_OPS", "1").strip().lower() not in ("0", "false", "no")
+
+
+def set_enabled(enabled: bool) -> None:
+    """Process-wide: a process runs one model (the runner sets it from its RuntimeConfig before loading)."""
+    global ENABLED
+    ENABLED = enabled
 
 
 def fused_kernels(x: torch.Tensor) -> ModuleType | None:

@@ -15,9 +15,11 @@ from router.worker_api import Finished, Tokens
 
 
 def output(tokens: list[int], new: int, lps: int) -> RequestOutput:
-    """Cumulative `tokens`, the last `new` of them new; logprobs for all but the first (as on a decode group)."""
-    return RequestOutput("r", [1, 2], tokens, "", tokens[-new:], "",
-                         logprobs=[Logprob(t, -0.1 * t, [(t, -0.1 * t)]) for t in tokens[len(tokens) - lps:]])
+    """A step's delta: of the request's `tokens` so far the last `new` are new; the last `lps` tokens have logprobs
+    (as on a decode group, where the first token's logprob is the prefill worker's)."""
+    with_lp = tokens[len(tokens) - lps:]
+    return RequestOutput("r", tokens[-new:], num_output_tokens=len(tokens),
+                         new_logprobs=[Logprob(t, -0.1 * t, [(t, -0.1 * t)]) for t in tokens[-new:] if t in with_lp])
 
 
 def test_coalesced_outputs_keep_logprobs_aligned():

@@ -1,7 +1,5 @@
 """Decode-side remote prefill bookkeeping: readiness needs every rank and the first token; deadlines fail."""
 
-import time
-
 from engine.config import CacheConfig, SchedulerConfig
 from engine.remote_prefill import RemotePrefills
 from engine.sampling_params import SamplingParams
@@ -21,13 +19,18 @@ def test_ready_needs_all_ranks_and_first_token():
 
 
 def test_deadline_covers_landing_and_first_token():
-    r = RemotePrefills(tp_size=1)
-    r.add("no_kv", timeout_s=0.01)
-    r.add("no_token", timeout_s=0.01)
+    now = [100.0]
+    r = RemotePrefills(tp_size=1, clock=lambda: now[0])
+    r.add("no_kv", timeout_s=10)
+    r.add("no_token", timeout_s=10)
+    r.add("late", timeout_s=30)
     r.apply([{"landed": ["no_token"]}])
-    time.sleep(0.02)
+    now[0] = 110.0
+    assert r.apply([{}]) == ([], {})  # at the deadline, not past it
+    now[0] = 110.5
     ready, failed = r.apply([{}])
     assert ready == [] and "within its deadline" in failed["no_kv"] and "first token" in failed["no_token"]
+    assert set(failed) == {"no_kv", "no_token"} and list(r.pending) == ["late"]
 
 
 def test_reservations_hold_blocks_and_seats():
@@ -38,15 +41,18 @@ def test_reservations_hold_blocks_and_seats():
     s.add(Sequence("w1", [5, 6], p))
     s.add(Sequence("w2", [7, 8], p))
     out = s.schedule()
-    assert [x.request_id for x in out.seqs] == ["w1"]  # the reservation takes one of the two seats
+    assert out.request_ids == ["w1"]  # the reservation takes one of the two seats
     seq = s.admit_remote("r", 42)
     assert seq.num_computed_tokens == 9 and seq.token_ids[-1] == 42 and seq in s.running
-    s.update(out, {"w1": 1})
+    s.update(out, [1])
     out = s.schedule()
-    r = next(x for x in out.seqs if x.request_id == "r")
-    assert (r.start, r.token_ids, r.block_table) == (9, [42], [0, 1, 2])
+    assert out.request_ids == ["w1", "r"] and out.starts == [2, 9] and out.token_ids == [1, 42]
+    assert [(n.request_id, n.slot) for n in out.new_requests] == [("r", 1)]
+    assert out.new_blocks == [(1, 0, [0, 1, 2])]  # the runner learns r's table once, when it first runs
     assert s.reserve_remote(Sequence("r2", [1, 2, 3], p)) is None  # no seat left
     s.finish("r", "abort")
+    assert s.blocks.pool.ref_cnt[:3] == [1, 1, 1]  # the step in flight still writes r's blocks
+    assert [q.request_id for q in s.update(out, [1, 5])] == ["w1"]
     assert s.blocks.pool.ref_cnt[:3] == [0, 0, 0]
 
 
