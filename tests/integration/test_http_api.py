@@ -1,0 +1,334 @@
+"""The OpenAI-compatible HTTP front on a real deployment (the session's Ray workers, CPU): routers with the HTTP API
+(one plain, one behind an API key and TLS) started on the same workers. Text is checked against `LLM` greedy (or
+seeded) output on the same checkpoint with the same chat template applied; counts, statuses and messages exactly."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import shutil
+import ssl
+import subprocess
+
+import grpc
+import httpx
+import openai
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench.load.cli import main as bench_main
+from client import Client, KvrelayError
+from deploy import DEFAULT_MODEL_DIR
+from engine import LLM, SamplingParams
+from engine.tokenizer import Tokenizer
+from router.http.chat_template import ChatTemplate, chat_prompt_ids
+from router.server import RouterServer
+
+KEY = "sk-test-5f3a"
+MESSAGES = [{"role": "system", "content": "Answer in one line."}, {"role": "user", "content": "Return a list of"}]
+
+
+def start_router(served, **overrides) -> RouterServer:
+    cfg = dataclasses.replace(served.cfg.router_config(), port=0, http_port=0, **overrides)
+    router = RouterServer(cfg, served.placed.prefill_config.model, served.placed.prefill, served.placed.decode)
+    asyncio.run_coroutine_threadsafe(router.start(served.cfg.max_model_len or 512, 60), served.loop).result(90)
+    return router
+
+
+def stop_router(served, router: RouterServer) -> None:
+    asyncio.run_coroutine_threadsafe(router.stop(), served.loop).result(30)
+
+
+@pytest.fixture(scope="module")
+def router(served):
+    r = start_router(served)
+    yield r
+    stop_router(served, r)
+
+
+@pytest.fixture(scope="module")
+def base(router) -> str:
+    return f"http://127.0.0.1:{router.http_port}"
+
+
+@pytest.fixture(scope="module")
+def oai(base):
+    with openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(DEFAULT_MODEL_DIR, dtype="float32", max_model_len=512)
+
+
+@pytest.fixture(scope="module")
+def chat_ids() -> list[int]:
+    tok = Tokenizer.from_model_dir(DEFAULT_MODEL_DIR)
+    template = ChatTemplate.load(DEFAULT_MODEL_DIR, None, tok, 1, (2,))
+    ids = chat_prompt_ids(template.render(MESSAGES, True), tok, 1)
+    assert ids[0] == 1 and ids[1] != 1  # the template writes BOS, the tokenizer adds one: kept once
+    return ids
+
+
+def greedy(n: int, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, **kw)
+
+
+def scrape(base: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of /metrics, parsed with prometheus_client's own parser."""
+    text = httpx.get(f"{base}/metrics").text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def test_completions_and_chat_equal_llm(oai, llm, chat_ids):
+    prompt = "The default value is"
+    (ref,) = llm.generate([prompt], greedy(16))
+    r = oai.completions.create(model="default_model", prompt=prompt, max_tokens=16, temperature=0)
+    assert r.object == "text_completion" and r.choices[0].text == ref.text
+    assert r.choices[0].finish_reason == ref.finish_reason
+    n_prompt = len(Tokenizer.from_model_dir(DEFAULT_MODEL_DIR).encode(prompt))
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == \
+        (n_prompt, len(ref.token_ids), n_prompt + len(ref.token_ids))
+    chunks = list(oai.completions.create(model="default_model", prompt=prompt, max_tokens=16, temperature=0,
+                                         stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == ref.text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(ref.token_ids)
+
+    (cref,) = llm.generate([chat_ids], greedy(12))
+    c = oai.chat.completions.create(model="default_model", messages=MESSAGES, max_completion_tokens=12,
+                                    temperature=0, user="someone")
+    assert c.object == "chat.completion" and c.choices[0].message.role == "assistant"
+    assert c.choices[0].message.content == cref.text and c.usage.prompt_tokens == len(chat_ids)
+    assert c.usage.completion_tokens == len(cref.token_ids) and c.usage.prompt_tokens_details.cached_tokens >= 0
+    parts = list(oai.chat.completions.create(model="default_model", messages=MESSAGES, max_tokens=12, temperature=0,
+                                             stream=True))
+    assert parts[0].choices[0].delta.role == "assistant" and parts[0].object == "chat.completion.chunk"
+    assert "".join(p.choices[0].delta.content or "" for p in parts) == cref.text
+    assert parts[-1].choices[0].finish_reason == cref.finish_reason
+
+
+def test_n_choices_with_seeds_are_reproducible(oai, llm):
+    prompt = "If the file does not exist,"
+    refs = llm.generate([prompt] * 3, [SamplingParams(max_tokens=10, temperature=1.0, seed=7 + i) for i in range(3)])
+    kw = dict(model="default_model", prompt=prompt, max_tokens=10, temperature=1.0, seed=7, n=3)
+    first = oai.completions.create(**kw)
+    again = oai.completions.create(**kw)
+    texts = [ch.text for ch in sorted(first.choices, key=lambda ch: ch.index)]
+    assert texts == [r.text for r in refs] == [ch.text for ch in sorted(again.choices, key=lambda ch: ch.index)]
+    assert len(set(texts)) > 1  # seed + i: the choices differ
+    assert first.usage.completion_tokens == sum(len(r.token_ids) for r in refs)
+    streamed: dict[int, str] = {}
+    for ch in oai.completions.create(**kw, stream=True):
+        for choice in ch.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + choice.text
+    assert [streamed[i] for i in range(3)] == texts
+
+
+def test_raw_sse_framing(base, llm, chat_ids):
+    (ref,) = llm.generate([chat_ids], greedy(6))
+    body = {"messages": MESSAGES, "max_tokens": 6, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    payloads = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert all(e.startswith("data: ") for e in events[:-1])
+    assert {p["object"] for p in payloads} == {"chat.completion.chunk"} and len({p["id"] for p in payloads}) == 1
+    assert payloads[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert payloads[-2]["choices"][0]["finish_reason"] == "length" and payloads[-2]["choices"][0]["delta"] == {}
+    assert payloads[-1]["choices"] == [] and payloads[-1]["usage"] == {
+        "prompt_tokens": len(chat_ids), "completion_tokens": 6, "total_tokens": len(chat_ids) + 6,
+        "prompt_tokens_details": {"cached_tokens": payloads[-1]["usage"]["prompt_tokens_details"]["cached_tokens"]}}
+    assert all(p["usage"] is None for p in payloads[:-1])
+    assert "".join(p["choices"][0]["delta"].get("content", "") for p in payloads[:-1]) == ref.text
+
+
+def test_logprobs_in_both_formats(oai, llm):
+    prompt = "Return True if the"
+    (ref,) = llm.generate([prompt], greedy(6, logprobs=2))
+    r = oai.completions.create(model="default_model", prompt=prompt, max_tokens=6, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(ref.token_ids) == len(lp.token_logprobs) == len(lp.top_logprobs)
+    assert lp.token_logprobs == pytest.approx([x.logprob for x in ref.logprobs], abs=1e-4)
+    assert all(len(t) == 2 for t in lp.top_logprobs)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    c = oai.chat.completions.create(model="default_model", messages=MESSAGES, max_tokens=5, temperature=0,
+                                    logprobs=True, top_logprobs=3)
+    content = c.choices[0].logprobs.content
+    assert len(content) == c.usage.completion_tokens == 5
+    assert all(len(e.top_logprobs) == 3 and e.bytes == list(e.token.encode()) for e in content)
+    assert "".join(e.token for e in content) == c.choices[0].message.content
+
+
+def test_disconnect_mid_stream_frees_blocks_everywhere(base, served):
+    before = scrape(base)
+    body = {"prompt": "Return a list of", "max_tokens": 400, "ignore_eos": True, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+    loads = served.wait_all_free()  # the stream was closed after one chunk: every block freed on every worker
+    assert all(x.running == 0 for x in loads)
+    after = scrape(base)
+    key = ("kvrelay:request_errors_total", (("status", "CANCELLED"),))
+    assert after.get(key, 0) - before.get(key, 0) == 1
+
+
+BAD = [
+    ("/v1/completions", {"prompt": "x", "max_tokens": "5"}, 400, "'max_tokens': Input should be a valid integer",
+     "max_tokens"),
+    ("/v1/completions", {"max_tokens": 5}, 400, "'prompt' is required", "prompt"),
+    ("/v1/completions", {"prompt": [1, "a"]}, 400, "'prompt' must be a string, a list of strings, a list of token "
+     "ids or a list of lists of token ids", "prompt"),
+    ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature must be >= 0", "temperature"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 600}, 400, "lower max_tokens to at most", "max_tokens"),
+    ("/v1/completions", {"prompt": [5000]}, 400, "prompt token ids [5000] are outside the vocabulary", "prompt"),
+    ("/v1/completions", {"prompt": "x", "n": 17}, 400, "n must be between 1 and 16, got 17", "n"),
+    ("/v1/completions", {"prompt": "x", "echo": True}, 400, "echo is not supported", "echo"),
+    ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "the model 'gpt-4' does not exist here", "model"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages must not be empty", "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, 400,
+     "'messages.0.content' must be a string or a list of {type, text} parts", "messages"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "top_logprobs": 2}, 400, "top_logprobs needs logprobs: true",
+     "top_logprobs"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, 400,
+     "logprobs must be an integer in [0, 20]", "top_logprobs"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,message,param", BAD)
+def test_bad_input_gets_its_status_and_message(base, path, body, status, message, param):
+    r = httpx.post(f"{base}{path}", json=body, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and message in err["message"] and err["param"] == param
+    assert err["type"] == "invalid_request_error" and err["code"] == ("model_not_found" if status == 404 else None)
+
+
+def test_not_json_and_unknown_route(base):
+    r = httpx.post(f"{base}/v1/completions", content=b"{nope", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = httpx.get(f"{base}/v1/embeddings")
+    assert r.status_code == 404 and "there is no GET /v1/embeddings here" in r.json()["error"]["message"]
+
+
+def test_openai_client_errors(oai):
+    with pytest.raises(openai.NotFoundError):
+        oai.completions.create(model="nope", prompt="x")
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        oai.completions.create(model="default_model", prompt="x", max_tokens=0)
+
+
+def test_models_health_and_metrics_counters(base, served):
+    models = httpx.get(f"{base}/v1/models").json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["default_model"]
+    assert models["data"][0]["max_model_len"] == 512 and models["data"][0]["vocab_size"] == 4096
+    assert httpx.get(f"{base}/health").json() == {"status": "ok"}
+    served.wait_all_free()
+    before = scrape(base)
+    prompts = [[1, 450, 7, 99], [1, 31, 2000, 5, 6, 77]]
+    for p in prompts:
+        r = httpx.post(f"{base}/v1/completions", json={"prompt": p, "max_tokens": 5, "ignore_eos": True,
+                                                       "temperature": 0}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+    assert httpx.post(f"{base}/v1/completions", json={"prompt": "x", "top_p": 0}).status_code == 400
+    after = scrape(base)
+
+    def moved(name: str, **labels) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert moved("kvrelay:request_success_total", finished_reason="length") == 2
+    assert moved("kvrelay:request_errors_total", status="INVALID_ARGUMENT") == 1
+    assert moved("kvrelay:prompt_tokens_total") == moved("kvrelay:prefix_cache_queries_total") == 10
+    assert moved("kvrelay:generation_tokens_total") == 10
+    for h in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds",
+              "kv_transfer_time_seconds", "kv_transfer_bytes"):
+        assert moved(f"kvrelay:{h}_count") == 2, h
+    # 4 layers x 2 KV heads x head_dim 48 x keys and values x float32, per prompt token
+    assert moved("kvrelay:kv_transfer_bytes_sum") == 10 * 4 * 2 * 48 * 2 * 4
+    assert moved("kvrelay:inter_token_latency_seconds_count") >= 2  # one per gap between token chunks
+    for worker in ("prefill-0", "decode-0"):
+        for g in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"):
+            assert (f"kvrelay:{g}", (("worker", worker),)) in after
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a self-signed certificate")
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(d / "key.pem"),
+                    "-out", str(d / "cert.pem")], check=True, capture_output=True)
+    return str(d / "cert.pem"), str(d / "key.pem")
+
+
+def test_api_key_and_tls_on_both_protocols(served, tls_files, llm):
+    cert, key = tls_files
+    secure = start_router(served, api_key=KEY, tls_cert=cert, tls_key=key)
+    try:
+        https = f"https://127.0.0.1:{secure.http_port}"
+        ctx = ssl.create_default_context(cafile=cert)
+        before = scrape_tls(https, ctx)
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+            r = httpx.post(f"{https}/v1/completions", json={"prompt": "x"}, headers=headers, verify=ctx)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(f"{https}/health", verify=ctx).status_code == 200  # no key needed
+        (ref,) = llm.generate(["Return a list of"], greedy(8))
+        with openai.OpenAI(base_url=f"{https}/v1", api_key=KEY, max_retries=0,
+                           http_client=httpx.Client(verify=ctx)) as c:
+            out = c.completions.create(model="default_model", prompt="Return a list of", max_tokens=8, temperature=0)
+            assert out.choices[0].text == ref.text
+        with openai.OpenAI(base_url=f"{https}/v1", api_key="bad", max_retries=0,
+                           http_client=httpx.Client(verify=ctx)) as c, pytest.raises(openai.AuthenticationError):
+            c.models.list()
+        target = f"127.0.0.1:{secure.port}"
+        for api_key in (None, "wrong"):
+            with Client(target, timeout=30, ca_cert=cert, api_key=api_key) as c, pytest.raises(KvrelayError) as e:
+                c.generate("Return a list of", max_tokens=4)
+            assert e.value.code == "UNAUTHENTICATED" and "API key" in e.value.details
+        with Client(target, timeout=60, ca_cert=cert, api_key=KEY) as c:
+            assert c.generate("Return a list of", max_tokens=8, temperature=0).text == ref.text
+        creds = grpc.ssl_channel_credentials(open(cert, "rb").read())
+        with grpc.secure_channel(target, creds) as ch:  # health needs no key
+            assert health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10).status == \
+                health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(KvrelayError):  # plaintext to a TLS port fails
+            with Client(target, timeout=5, api_key=KEY) as c:
+                c.model_info()
+        after = scrape_tls(https, ctx)
+        refused = after.get(("kvrelay:request_errors_total", (("status", "UNAUTHENTICATED"),)), 0) - \
+            before.get(("kvrelay:request_errors_total", (("status", "UNAUTHENTICATED"),)), 0)
+        assert refused == 6  # 3 HTTP completions, 1 HTTP models list, 2 gRPC calls: nothing reached a worker
+    finally:
+        stop_router(served, secure)
+
+
+def scrape_tls(base: str, ctx: ssl.SSLContext) -> dict:
+    text = httpx.get(f"{base}/metrics", verify=ctx).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def test_bench_openai_backend_against_the_http_front(base, tmp_path):
+    out = tmp_path / "oai.json"
+    rc = bench_main(["--backend", "openai", "--base-url", f"{base}/v1", "--concurrency", "2", "--num-requests", "4",
+                     "--input-len", "12", "--output-len", "6", "--ignore-eos", "--seed", "3", "--out", str(out),
+                     "--quiet"])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert doc["config"]["backend"] == "openai" and "api_key" not in doc["config"]
+    assert doc["model"]["model"] == "default_model" and doc["model"]["vocab_size"] == 4096
+    m = doc["metrics"]
+    assert (m["requested"], m["completed"], m["failed"]) == (4, 4, 0), doc["errors"]
+    assert m["total_output_tokens"] == 24 and m["ttft_ms"]["count"] == 4
+    for r in doc["requests"]:
+        assert r["ok"] and r["finish_reason"] == "length" and r["completion_tokens"] == 6 == r["output_tokens"]
+        assert r["prompt_tokens"] == r["prompt_len"] and r["server_timings_ms"] is None
+        assert r["ttft_ms"] <= r["e2e_ms"]
