@@ -1,0 +1,100 @@
+"""Pure parts of the HTTP front: chat-template loading and rendering, request-body error messages, SSE framing
+and the preemption counter's deltas."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from router.http.chat_template import ChatTemplate, chat_prompt_ids
+from router.http.schemas import ChatCompletionRequest, CompletionRequest, ValidationError, describe_error
+from router.http.sse import DONE, event
+from router.metrics import RouterMetrics
+
+
+class FakeTokenizer:
+    """Byte tokens shifted by 3, with BOS = 1 prepended, as a Llama tokenizer's post-processor does."""
+
+    def encode(self, text: str) -> list[int]:
+        ids = [1]
+        i = 0
+        while i < len(text):
+            if text.startswith("<s>", i):
+                ids.append(1)
+                i += 3
+            else:
+                ids.append(ord(text[i]) + 3)
+                i += 1
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join("<s>" if t == 1 else "</s>" if t == 2 else chr(t - 3) for t in ids)
+
+
+def test_template_sources_and_rendering(tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": {"content": "<s>"}, "eos_token": "</s>",
+        "chat_template": [{"name": "tool_use", "template": "T"},
+                          {"name": "default", "template": "{{ bos_token }}{% for m in messages %}[{{ m.role }}]"
+                           "{{ m.content }}{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"}]}))
+    t = ChatTemplate.load(str(tmp_path), None, FakeTokenizer(), 1, (2,))
+    assert t is not None and t.render([{"role": "user", "content": "hi"}], True) == "<s>[user]hi[assistant]"
+    assert t.render([{"role": "user", "content": "hi"}], False) == "<s>[user]hi"
+    ids = chat_prompt_ids("<s>[user]hi", FakeTokenizer(), 1)
+    assert ids[:2] == [1, ord("[") + 3]  # BOS once, though the template and the tokenizer both add one
+    (tmp_path / "chat_template.jinja").write_text("{{ raise_exception('no system role') }}")
+    t = ChatTemplate.load(str(tmp_path), None, FakeTokenizer(), 1, (2,))
+    with pytest.raises(ValueError, match="the chat template refused these messages: no system role"):
+        t.render([], True)
+    override = tmp_path / "mine.jinja"
+    override.write_text("{{ messages | tojson }}")
+    t = ChatTemplate.load(str(tmp_path), str(override), FakeTokenizer(), 1, (2,))
+    assert t.render([{"role": "user", "content": "é"}], True) == '[{"role": "user", "content": "é"}]'
+    override.write_text("{% for %}")
+    with pytest.raises(ValueError, match="does not compile"):
+        ChatTemplate.load(str(tmp_path), str(override), FakeTokenizer(), 1, (2,))
+
+
+def test_no_template_and_sandbox(tmp_path):
+    assert ChatTemplate.load(str(tmp_path), None, FakeTokenizer(), 1, (2,)) is None
+    (tmp_path / "chat_template.jinja").write_text("{{ ''.__class__.__mro__ }}")
+    t = ChatTemplate.load(str(tmp_path), None, FakeTokenizer(), 1, (2,))
+    with pytest.raises(ValueError, match="refused"):  # the sandbox blocks attribute escapes
+        t.render([], True)
+    # Special tokens from config.json's ids when tokenizer_config.json is absent
+    assert t.special_tokens == {"bos_token": "<s>", "eos_token": "</s>"}
+
+
+@pytest.mark.parametrize("model,body,message,param", [
+    (CompletionRequest, '{"prompt": "x", "n": "2"}', "'n': Input should be a valid integer", "n"),
+    (CompletionRequest, '{"prompt": "x", "stream": 1}', "'stream': Input should be a valid boolean", "stream"),
+    (CompletionRequest, '{"prompt": "x", "stop": [1]}', "'stop' must be a string or a list of strings", "stop"),
+    (ChatCompletionRequest, '{"messages": [{"content": "x"}]}', "'messages.0.role' is required", "messages"),
+    (ChatCompletionRequest, '[1]', "the request body must be a JSON object", None),
+])
+def test_body_errors_say_what_to_fix(model, body, message, param):
+    with pytest.raises(ValidationError) as e:
+        model.model_validate_json(body)
+    assert describe_error(e.value) == (message, param)
+
+
+def test_unknown_fields_ignored_and_ints_are_valid_floats():
+    r = CompletionRequest.model_validate_json('{"prompt": [1, 2], "temperature": 0, "whatever": {"a": 1}}')
+    assert r.temperature == 0.0 and r.prompt == [1, 2]
+
+
+def test_sse_framing():
+    assert event({"a": "é"}) == 'data: {"a":"é"}\n\n' and DONE == "data: [DONE]\n\n"
+
+
+def test_preemptions_count_deltas_and_restarts():
+    m = RouterMetrics()
+    for n in (0, 3, 3, 5, 1):  # the worker restarted before the last poll and counts from 0 again
+        m.worker_load("decode-0", running=2, waiting=1, num_blocks=10, free_blocks=4, preemptions=n)
+    samples = {(s.name, tuple(s.labels.items())): s.value
+               for f in text_string_to_metric_families(m.exposition().decode()) for s in f.samples}
+    assert samples[("kvrelay:num_preemptions_total", ())] == 6
+    assert samples[("kvrelay:kv_cache_usage_perc", (("worker", "decode-0"),))] == pytest.approx(0.6)
+    assert samples[("kvrelay:num_requests_running", (("worker", "decode-0"),))] == 2
