@@ -185,7 +185,7 @@ BAD = [
     ("/v1/completions", {"max_tokens": 5}, 400, "'prompt' is required", "prompt"),
     ("/v1/completions", {"prompt": [1, "a"]}, 400, "'prompt' must be a string, a list of strings, a list of token "
      "ids or a list of lists of token ids", "prompt"),
-    ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature must be >= 0", "temperature"),
+    ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature must be a finite number >= 0", "temperature"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 600}, 400, "lower max_tokens to at most", "max_tokens"),
     ("/v1/completions", {"prompt": [5000]}, 400, "prompt token ids [5000] are outside the vocabulary", "prompt"),
     ("/v1/completions", {"prompt": "x", "n": 17}, 400, "n must be between 1 and 16, got 17", "n"),
