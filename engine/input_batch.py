@@ -124,15 +124,14 @@ class PersistentBatch:
         input_ids = torch.where(tok >= 0, tok, self.last_tokens[packed_dev[BATCH_SLOT]])
         sampling = None
         if len(sel):
-            temps = self.temperature[sel]
-            lp = self.logprobs[sel].max()
-            sampling = SamplingBatch(
-                temperature=self.float_params[0][sample_slots], top_k=self.int_params[0][sample_slots],
-                top_p=self.float_params[1][sample_slots], noise_seed=self.int_params[1][sample_slots],
-                output_index=sample_index, all_greedy=not temps.any(),
-                use_top_k=bool((self.top_k[sel][temps > 0] > 0).any()),
-                use_top_p=bool((self.top_p[sel][temps > 0] < 1.0).any()),
-                max_logprobs=None if lp < 0 else int(lp))
+            lp = int(self.logprobs[sel].max())
+            sampling = SamplingBatch(all_greedy=not self.temperature[sel].any(), max_logprobs=None if lp < 0 else lp)
+            if not sampling.all_greedy:
+                sampling.temperature = self.float_params[0][sample_slots]
+                sampling.top_p = self.float_params[1][sample_slots]
+                sampling.top_k = self.int_params[0][sample_slots]
+                sampling.noise_seed = self.int_params[1][sample_slots]
+                sampling.output_index = sample_index
         return StepInputs(n_rows, packed_dev, input_ids, query_start, sample_rows, sample_slots, sampling)
 
     def record_sampled(self, sample_slots: torch.Tensor, token_ids: torch.Tensor) -> None:

@@ -212,6 +212,13 @@ class LLMEngine:
         """Account the sequence's newest token: logprobs, text, stop strings; build its output."""
         state = self._states[seq.request_id]
         token = seq.token_ids[seq.num_resolved_tokens - 1]
+        out = state.out
+        if out.detok is None and out.logprobs is None and not seq.is_finished:
+            # No text, stop strings or logprobs to account (a worker's engine): the token is the whole delta.
+            out.token_ids.append(token)
+            out.emitted_tokens += 1
+            return RequestOutput(seq.request_id, [token], "", None, out.emitted_tokens, False, None,
+                                 seq.num_cached_tokens, error)
         lp = logprobs.get(seq.request_id)
         stopped = state.out.add(token, Logprob(token, *lp) if lp else None)
         if seq.is_finished:

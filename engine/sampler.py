@@ -1,11 +1,12 @@
 """Logits -> next tokens for a batch with per-request parameters, without synchronising the host.
 
 Parameters arrive as device tensors gathered from the runner's persistent batch (no `torch.tensor(list)` per
-step), plus a few host flags the runner computes from its host mirror (all greedy? any top-k / top-p? logprobs?),
-so no value is read back from the device. Greedy rows (temperature 0, or below GREEDY_EPS) take the argmax.
-Sampled rows apply temperature, then top-k and top-p as a per-row threshold on the scaled logits, and draw with
-the Gumbel-max trick, whose noise is a hash of (noise seed, output index, token id): a seeded request gives the
-same tokens alone or batched, on every tensor-parallel rank, and again after a preemption.
+step), plus a few host flags the runner computes from its host mirror (all greedy? logprobs?), so no value is read
+back from the device. Greedy rows (temperature 0, or below GREEDY_EPS) take the argmax. Sampled rows draw from
+softmax(logits / temperature) within top-k and top-p by rejection over Gumbel-max draws (`engine.sampling_noise`:
+no sort of the vocabulary; one Triton kernel on CUDA), whose noise is a hash of (noise seed, output index, token
+id): a seeded request gives the same tokens alone or batched, on every tensor-parallel rank, and again after a
+preemption.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.sampling_noise import gumbel, row_keys
+from engine.sampling_noise import rejection_sample, row_keys
 
 
 @dataclass
@@ -30,30 +31,13 @@ class SamplerOutput:
 class SamplingBatch:
     """Per-row sampling inputs on the logits' device, and host flags about them."""
 
-    temperature: torch.Tensor  # [n] float32, 0 = greedy
-    top_k: torch.Tensor  # [n] int64, 0 = off
-    top_p: torch.Tensor  # [n] float32, 1 = off
-    noise_seed: torch.Tensor  # [n] int64
-    output_index: torch.Tensor  # [n] int64: which output of its request each row samples
-    all_greedy: bool
-    use_top_k: bool
-    use_top_p: bool
+    all_greedy: bool  # then the tensors below are None: the argmax needs none of them
     max_logprobs: int | None  # largest logprobs=n asked in the batch; None when no row asks
-
-
-def _thresholds(scaled: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
-    """[n] float32: the smallest scaled logit each row keeps under its top-k and top-p (-inf keeps all)."""
-    n, vocab = scaled.shape
-    sorted_logits = scaled.sort(dim=-1, descending=True).values  # [n, vocab]
-    keep = torch.full((n,), vocab, dtype=torch.int64, device=scaled.device)  # entries kept, most likely first
-    if b.use_top_k:
-        keep = torch.where(b.top_k > 0, torch.minimum(b.top_k, keep), keep)
-    if b.use_top_p:
-        probs = sorted_logits.softmax(dim=-1)
-        # Keep a token while the mass before it is still below top_p (so the top token always stays).
-        within = ((probs.cumsum(dim=-1) - probs) < b.top_p[:, None]).sum(dim=-1)
-        keep = torch.minimum(keep, within.clamp(min=1))
-    return sorted_logits.gather(-1, (keep - 1)[:, None]).squeeze(-1)
+    temperature: torch.Tensor | None = None  # [n] float32, 0 = greedy
+    top_k: torch.Tensor | None = None  # [n] int64, 0 = off
+    top_p: torch.Tensor | None = None  # [n] float32, 1 = off
+    noise_seed: torch.Tensor | None = None  # [n] int64
+    output_index: torch.Tensor | None = None  # [n] int64: which output of its request each row samples
 
 
 class Sampler:
@@ -65,21 +49,13 @@ class Sampler:
             if b.max_logprobs > 0:
                 out.top_logprobs, out.top_token_ids = logp.topk(b.max_logprobs, dim=-1)
         if not b.all_greedy:
-            temp = b.temperature
             keys = row_keys(b.noise_seed, b.output_index)
-            scaled = logits / torch.where(temp > 0, temp, 1.0)[:, None]
-            if b.use_top_k or b.use_top_p:  # greedy rows keep everything: their argmax ignores top-k/top-p
-                thresh = torch.where(temp > 0, _thresholds(scaled, b), float("-inf"))
-            else:
-                thresh = torch.full_like(temp, float("-inf"))
             if logits.is_cuda:
-                from engine.layers.triton_sampling import gumbel_argmax
+                from engine.layers.triton_sampling import sample
 
-                out.token_ids = gumbel_argmax(logits, temp, thresh, keys)
+                out.token_ids = sample(logits, b.temperature, b.top_k, b.top_p, keys)
             else:
-                noisy = (scaled + gumbel(keys, logits.shape[1])).masked_fill_(scaled < thresh[:, None],
-                                                                             float("-inf"))
-                out.token_ids = torch.where(temp > 0, noisy.argmax(dim=-1), out.token_ids)
+                out.token_ids = rejection_sample(logits, b.temperature, b.top_k, b.top_p, keys)
         if b.max_logprobs is not None:
             out.sampled_logprobs = logp.gather(-1, out.token_ids[:, None]).squeeze(-1)
         return out

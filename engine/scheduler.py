@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from engine.config import CacheConfig, SchedulerConfig
 from engine.kv_cache.block_manager import BlockManager, cdiv
 from engine.scheduler_output import NewRequest, SchedulerOutput
-from engine.sequence import Sequence, SequenceStatus
+from engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 
 # A persistent batch has twice the seats: requests that finished while a step computing them is in flight keep
 # their slot until it is collected, while new requests already take seats.
@@ -140,22 +140,27 @@ class Scheduler:
             seq.num_sent_blocks = len(table)
         start = seq.num_computed_tokens
         end = start + n
-        sample = end == seq.num_tokens
-        if sample and seq.transfer is not None and seq.num_output_tokens == 0:
-            out.transfers[len(out.request_ids)] = (seq.transfer, list(table))
+        tokens = seq.token_ids
+        sample = end == len(tokens)
         out.request_ids.append(seq.request_id)
         out.slots.append(seq.slot)
         out.starts.append(start)
         out.num_tokens.append(n)
-        out.output_index.append(seq.num_output_tokens if sample else -1)
         if n == 1:
-            out.token_ids.append(seq.token_ids[start])
+            out.token_ids.append(tokens[start])
         else:
-            out.token_ids.extend(seq.token_ids[start:end])
+            out.token_ids.extend(tokens[start:end])
         seq.num_computed_tokens = end
-        if sample:
-            seq.append_placeholder()
         seq.inflight += 1
+        if sample:
+            index = end - seq.num_prompt_tokens
+            if seq.transfer is not None and index == 0:
+                out.transfers[len(out.request_ids) - 1] = (seq.transfer, list(table))
+            out.output_index.append(index)
+            tokens.append(PLACEHOLDER)
+            seq.num_placeholders += 1
+        else:
+            out.output_index.append(-1)
 
     def _preempt(self, seq: Sequence) -> None:
         if self._inflight:
@@ -171,13 +176,15 @@ class Scheduler:
         rows: list[Sequence] = []
         budget = self.config.max_num_batched_tokens
         i = 0
+        bs = self.block_size
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            if not self._can_step(seq):
+            if seq.num_placeholders and not self._can_step(seq):
                 i += 1
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not self.blocks.allocate(seq, n):
+            # The common case, a decode whose token fits its last block, needs no allocation.
+            while seq.num_computed_tokens + n > len(seq.block_table) * bs and not self.blocks.allocate(seq, n):
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted.append(victim.request_id)
@@ -225,21 +232,22 @@ class Scheduler:
             raise RuntimeError("steps must be collected in the order they were scheduled")
         changed = []
         k = 0
-        for b, seq in enumerate(rows):
+        finished = SequenceStatus.FINISHED
+        cache = self.blocks.cache_full_blocks
+        for seq, index in zip(rows, out.output_index):
             seq.inflight -= 1
-            index = out.output_index[b]
             if index >= 0:
                 token = sampled[k]
                 k += 1
-            if seq.status == SequenceStatus.FINISHED:  # aborted or stopped while the step ran
+            if seq.status is finished:  # aborted or stopped while the step ran
                 if seq.release_pending and seq.inflight == 0:
                     self._release(seq)
                 continue
             if index < 0:
-                self.blocks.cache_full_blocks(seq)
+                cache(seq)
                 continue
             seq.resolve(token)
-            self.blocks.cache_full_blocks(seq)
+            cache(seq)
             changed.append(seq)
             reason = self._token_stop(seq, token, index)
             if reason is not None:

@@ -91,7 +91,7 @@ class BlockManager:
         flight), so later requests can share them."""
         if not self.enable_prefix_caching:
             return
-        full = min(seq.num_computed_tokens, seq.num_resolved_tokens) // self.block_size
+        full = min(seq.num_computed_tokens, len(seq.token_ids) - seq.num_placeholders) // self.block_size
         if full <= seq.num_cached_blocks:
             return
         self._ensure_hashes(seq, full)

@@ -1,8 +1,7 @@
-"""Triton kernel for the sampling draw on CUDA: per row, argmax over the vocabulary of logits / temperature plus
-counter-based Gumbel noise (see `engine.sampling_noise`, whose bits it reproduces), skipping entries below the
-row's top-k/top-p threshold. Gumbel-max equals sampling from softmax(logits / T) restricted to the kept entries.
-One read of the logits and no [n, vocab] temporaries, where the torch version makes a dozen passes over them.
-Greedy rows (temperature 0) take the plain argmax (first maximum, as torch.argmax).
+"""Triton kernel of the sampling draw on CUDA: `engine.sampling_noise.rejection_sample`, one program per row, in
+a few passes over the row's logits (max and normaliser, then per round a Gumbel-max over the entries above the pivot
+and the mass and count above the candidate) and no [n, vocab] temporaries: no sort, no host synchronisation. It
+reproduces the torch reference's noise bits; greedy rows (temperature 0) take the first maximum, as torch.argmax.
 """
 
 from __future__ import annotations
@@ -10,6 +9,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from engine.sampling_noise import MAX_ROUNDS
 
 
 @triton.jit
@@ -22,39 +23,82 @@ def _lowbias32(x):
 
 
 @triton.jit
-def _gumbel_argmax_kernel(logits_ptr, stride, temp_ptr, thresh_ptr, key_ptr, out_ptr, vocab,
-                          BLOCK: tl.constexpr):
+def _sample_kernel(logits_ptr, stride, temp_ptr, top_k_ptr, top_p_ptr, key_ptr, out_ptr, vocab,
+                   MAX_ROUNDS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
+    base = logits_ptr + row * stride
     t = tl.load(temp_ptr + row)
-    greedy = t == 0.0
+    greedy = t <= 0.0
     t = tl.where(greedy, 1.0, t)
-    thresh = tl.load(thresh_ptr + row)
-    key = tl.load(key_ptr + row).to(tl.uint32)
-    best = tl.full((), float("-inf"), tl.float32)
-    best_idx = tl.full((), 0, tl.int64)
+    top_k = tl.load(top_k_ptr + row)
+    top_p = tl.load(top_p_ptr + row)
+    key0 = tl.load(key_ptr + row).to(tl.uint32)
+    # Online max and normaliser of s = logits / t.
+    m = tl.full((), float("-inf"), tl.float32)
+    z = tl.full((), 0.0, tl.float32)
     for start in range(0, vocab, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        inside = offs < vocab
-        s = tl.load(logits_ptr + row * stride + offs, mask=inside, other=float("-inf")).to(tl.float32) / t
-        h = _lowbias32(key ^ (offs.to(tl.uint32) * 0x9E3779B9))
-        u = ((h >> 9) * 2 + 1).to(tl.float32) * (1.0 / 16777216.0)
-        g = tl.where(greedy, 0.0, -tl.log(-tl.log(u)))
-        v = tl.where(inside & (s >= thresh), s + g, float("-inf"))
-        m = tl.max(v, axis=0)
-        i = tl.argmax(v, axis=0).to(tl.int64) + start
-        take = m > best
-        best_idx = tl.where(take, i, best_idx)
-        best = tl.where(take, m, best)
-    tl.store(out_ptr + row, best_idx)
+        s = tl.load(base + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32) / t
+        m_new = tl.maximum(m, tl.max(s, axis=0))
+        z = z * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new), axis=0)
+        m = m_new
+    pivot = tl.full((), float("-inf"), tl.float32)
+    done = tl.full((), 0, tl.int32)
+    result = tl.full((), 0, tl.int64)
+    key = key0
+    for r in range(MAX_ROUNDS):
+        if r > 0:
+            key = _lowbias32(key ^ 0x5BD1E995)  # sampling_noise.next_round_key
+        if done == 0:
+            best = tl.full((), float("-inf"), tl.float32)
+            cand = tl.full((), 0, tl.int64)
+            for start in range(0, vocab, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                inside = offs < vocab
+                s = tl.load(base + offs, mask=inside, other=float("-inf")).to(tl.float32) / t
+                h = _lowbias32(key ^ (offs.to(tl.uint32) * 0x9E3779B9))
+                u = ((h >> 9) * 2 + 1).to(tl.float32) * (1.0 / 16777216.0)
+                g = tl.where(greedy, 0.0, -tl.log(-tl.log(u)))
+                v = tl.where(inside & (s > pivot), s + g, float("-inf"))
+                bm = tl.max(v, axis=0)
+                bi = tl.argmax(v, axis=0).to(tl.int64) + start
+                take = bm > best
+                cand = tl.where(take, bi, cand)
+                best = tl.where(take, bm, best)
+            sv = tl.load(base + cand).to(tl.float32) / t
+            mass = tl.full((), 0.0, tl.float32)
+            count = tl.full((), 0, tl.int64)
+            for start in range(0, vocab, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                s = tl.load(base + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32) / t
+                above = s > sv
+                mass += tl.sum(tl.where(above, tl.exp(s - m), 0.0), axis=0)
+                count += tl.sum(above.to(tl.int64), axis=0)
+            mass = mass / z
+            ok = greedy | (((top_p >= 1.0) | (mass < top_p)) & ((top_k <= 0) | (count < top_k)))
+            result = tl.where(ok, cand, result)
+            done = tl.where(ok, 1, 0)
+            pivot = tl.where(ok, pivot, sv)
+    if done == 0:  # never accepted within MAX_ROUNDS: the argmax is always kept
+        best = tl.full((), float("-inf"), tl.float32)
+        for start in range(0, vocab, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            s = tl.load(base + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32)
+            bm = tl.max(s, axis=0)
+            bi = tl.argmax(s, axis=0).to(tl.int64) + start
+            take = bm > best
+            result = tl.where(take, bi, result)
+            best = tl.where(take, bm, best)
+    tl.store(out_ptr + row, result)
 
 
-def gumbel_argmax(logits: torch.Tensor, temperature: torch.Tensor, threshold: torch.Tensor,
-                  keys: torch.Tensor) -> torch.Tensor:
-    """logits [n, vocab] float32; temperature [n] float32 (0 = greedy); threshold [n] float32 on the scaled
-    logits (-inf = keep all); keys [n] int64 row keys -> [n] int64 token ids."""
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+           keys: torch.Tensor) -> torch.Tensor:
+    """As `engine.sampling_noise.rejection_sample`: logits [n, vocab] float32 (rows contiguous), per-row
+    temperature/top_p float32, top_k/keys int64 -> [n] int64 tokens."""
     n, vocab = logits.shape
     out = torch.empty(n, dtype=torch.int64, device=logits.device)
     if n:
-        _gumbel_argmax_kernel[(n,)](logits, logits.stride(0), temperature, threshold, keys, out, vocab,
-                                    BLOCK=2048, num_warps=8)
+        _sample_kernel[(n,)](logits, logits.stride(0), temperature, top_k, top_p, keys, out, vocab,
+                             MAX_ROUNDS=MAX_ROUNDS, BLOCK=2048, num_warps=8)
     return out

@@ -31,15 +31,14 @@ def batch(n, device, seed=0):
     temp = torch.tensor([0.0, 0.8, 1.0, 1.3, 0.5, 0.0, 0.7, 2.0][:n])
     top_k = torch.tensor([0, 0, 40, 0, 5, 3, 0, 100][:n])
     top_p = torch.tensor([1.0, 0.95, 1.0, 0.9, 1.0, 0.5, 0.8, 1.0][:n])
-    return SamplingBatch(temperature=temp.to(device), top_k=top_k.to(device), top_p=top_p.to(device),
-                         noise_seed=torch.randint(0, 2**62, (n,), generator=g).to(device),
-                         output_index=torch.randint(0, 1000, (n,), generator=g).to(device), all_greedy=False,
-                         use_top_k=True, use_top_p=True, max_logprobs=None)
+    return SamplingBatch(all_greedy=False, max_logprobs=None, temperature=temp.to(device), top_k=top_k.to(device),
+                         top_p=top_p.to(device), noise_seed=torch.randint(0, 2**62, (n,), generator=g).to(device),
+                         output_index=torch.randint(0, 1000, (n,), generator=g).to(device))
 
 
 def test_triton_draw_equals_torch_reference():
-    logits = torch.randn(8, 5000, generator=torch.Generator().manual_seed(1)) * 3
-    for seed in range(4):
+    logits = torch.randn(8, 50000, generator=torch.Generator().manual_seed(1)) * 3
+    for seed in range(8):
         cpu = Sampler()(logits, batch(8, "cpu", seed)).token_ids
         gpu = Sampler()(logits.cuda(), batch(8, "cuda", seed)).token_ids.cpu()
         assert torch.equal(cpu, gpu)
