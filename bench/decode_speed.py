@@ -112,8 +112,8 @@ def time_ours(llm, prompts: list[list[int]], gen: int, device: str, variant: str
 
 
 def replay_time(llm, batch: int, reps: int = 20) -> float:
-    """Seconds per replay of the batch's decode graph alone, back to back (the forward's GPU time; the static
-    inputs still hold the last step's batch, so it reads that batch's KV)."""
+    """Seconds per replay of the batch's decode graph alone, back to back (the GPU time of the forward and the LM
+    head; the static inputs still hold the last step's batch, so it reads that batch's KV)."""
     graphs = llm.engine.executor.runner.graphs
     graph = graphs.graphs[graphs.bucket_for(batch)]
     graph.replay()
@@ -292,7 +292,7 @@ def main() -> None:
               + f" {r['runner_ms']:>7.2f} {replay:>7.2f} {r['hf_step_ms']:>7.2f} {r['speedup_vs_hf']:>5.2f}x "
               f"{r['roofline_step_ms']:>7.3f} {r['frac_of_roofline']:>6.1%}")
     print("runner: ms of the step inside ModelRunner.execute (inputs, forward, sampling); replay: the decode graph "
-          "alone, back to back (GPU time of the forward)")
+          "alone, back to back (GPU time of the forward and the LM head)")
     if args.variants:
         print(f"\n{'shape':>12} {'batch':>5} {'variant':>14} {'ms/step':>8} {'host ms':>8} {'replay':>7} "
               f"{'step/replay':>11} {'of roof':>7}")

@@ -31,7 +31,10 @@ def profile_batch(llm, prompts: list[list[int]], steps: int, variant: str, top: 
     eng.async_scheduling = variant.endswith("-async")
     for i, p in enumerate(prompts):
         eng.add_request(f"p{i}", p, variant_params(variant, steps + 8, i))
-    for _ in range(4):
+    started: set[str] = set()
+    while len(started) < len(prompts):  # past every prefill: only decode steps are profiled
+        started.update(o.request_id for o in eng.step() if o.new_token_ids)
+    for _ in range(2):
         eng.step()
     prof = cProfile.Profile()
     prof.enable()

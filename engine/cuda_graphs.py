@@ -1,8 +1,9 @@
-"""CUDA graphs of the model's decode forward, one per batch-size bucket.
+"""CUDA graphs of the model's decode forward and LM head, one per batch-size bucket.
 
 Eager decode is bound by the host launching ~40 small kernels per layer; a graph replays them in one launch. Each
 bucket's graph reads fixed device buffers (token ids, positions, slots, KV lengths, block tables) that `run` fills
-before replaying, and writes its hidden states into a fixed output. Attention metadata for a graph is the Triton
+before replaying, and writes the rows' float32 logits into a fixed output (the LM head inside the graph: at small
+batch its launches and its weight read are a tenth of the step). Attention metadata for a graph is the Triton
 path's (`AttentionMetadata.for_decode`), whose launch shapes depend only on the bucket size.
 
 Captured once, after the KV cache exists (the graphs hold pointers into it), largest bucket first so the smaller ones
@@ -42,7 +43,7 @@ class DecodeGraphs:
         self.packed[SLOT].fill_(-1)
         self.tables = torch.zeros(m, max_blocks_per_seq, dtype=torch.int64, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}  # bucket -> [bucket, hidden], written by its graph
+        self.outputs: dict[int, torch.Tensor] = {}  # bucket -> [bucket, vocab] float32 logits, written by its graph
 
     def bucket_for(self, num_seqs: int) -> int:
         return next(b for b in self.buckets if b >= num_seqs)
@@ -55,11 +56,12 @@ class DecodeGraphs:
             p = self.packed[:, :bs]
             meta = AttentionMetadata.for_decode(p[SLOT], p[LENGTH], self.tables[:bs])
             with attention_context(meta):
-                self.model(p[TOKEN], p[POSITION])  # warm-up: Triton compiles, cuBLAS picks its kernels
+                # warm-up: Triton compiles, cuBLAS picks its kernels
+                self.model.compute_logits(self.model(p[TOKEN], p[POSITION]))
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    self.outputs[bs] = self.model(p[TOKEN], p[POSITION])
+                    self.outputs[bs] = self.model.compute_logits(self.model(p[TOKEN], p[POSITION]))
             pool = graph.pool()
             self.graphs[bs] = graph
         torch.cuda.synchronize()
@@ -68,7 +70,7 @@ class DecodeGraphs:
             num_seqs: int) -> torch.Tensor:
         """Replay the graph of `input_ids.shape[0]` rows (a bucket size) on device inputs: input_ids [bucket],
         packed [>= 4, bucket] (StepInputs rows; padding rows have slot -1 and length 0), tables [bucket, max
-        blocks]. Returns hidden states [num_seqs, hidden]."""
+        blocks]. Returns logits [num_seqs, vocab] float32."""
         bs = input_ids.shape[0]
         self.packed[:, :bs].copy_(packed[:4])
         self.packed[TOKEN, :bs].copy_(input_ids)

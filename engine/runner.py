@@ -223,8 +223,10 @@ class ModelRunner:
         if extension is not None:
             extension.begin_step(out)
         try:
+            logits = None
             if graph:
-                hidden = self.graphs.run(inp.input_ids, inp.packed, tables, n)  # [n, hidden]
+                logits = self.graphs.run(inp.input_ids, inp.packed, tables, n)  # [n, vocab] float32
+                hidden = logits
             else:
                 if extension is not None:
                     meta.on_layer_kv_written = extension.on_layer
@@ -235,19 +237,21 @@ class ModelRunner:
                 extension.abort_step(out)  # e.g. a half-sent step: its channels must not be reused as is
             raise
         events = [extension.end_step(out)] if extension is not None else []
-        so = self._sample(out, inp, hidden, decode)
+        so = self._sample(out, inp, hidden, decode, logits)
         asked = self.batch.logprobs[np.asarray(out.slots, dtype=np.int64)[inp.sample_rows]]
         return PendingStep(out, inp, so, get_tp().rank == 0, events, asked)
 
-    def _sample(self, out: SchedulerOutput, inp: StepInputs, hidden: torch.Tensor,
-                decode: bool) -> SamplerOutput | None:
+    def _sample(self, out: SchedulerOutput, inp: StepInputs, hidden: torch.Tensor, decode: bool,
+                logits: torch.Tensor | None = None) -> SamplerOutput | None:
+        """`logits`: a decode graph's, one row per (sampling) row; else computed here from `hidden`."""
         if inp.sampling is None:
             return None
-        rows = inp.sample_rows
-        if len(rows) < hidden.shape[0]:  # otherwise every row of `hidden` is a sampling row's last token, in order
-            ends = rows if decode else inp.query_start[1:][rows] - 1
-            hidden = hidden[to_device(np.ascontiguousarray(ends), self.device)]
-        logits = self.model.compute_logits(hidden)  # [num_sampled, vocab], the full vocabulary on every rank
+        if logits is None:
+            rows = inp.sample_rows
+            if len(rows) < hidden.shape[0]:  # else every row of `hidden` is a sampling row's last token, in order
+                ends = rows if decode else inp.query_start[1:][rows] - 1
+                hidden = hidden[to_device(np.ascontiguousarray(ends), self.device)]
+            logits = self.model.compute_logits(hidden)  # [num_sampled, vocab], the full vocabulary on every rank
         so = self.sampler(logits, inp.sampling)
         self.batch.record_sampled(inp.sample_slots, so.token_ids)
         return so
