@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-MAX_N = 16  # choices per request: each is a request of its own on the workers
+MAX_N = 8  # choices per request: each is a request of its own on the workers
 
 
 class _Body(BaseModel):

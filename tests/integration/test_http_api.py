@@ -188,7 +188,7 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature must be a finite number >= 0", "temperature"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 600}, 400, "lower max_tokens to at most", "max_tokens"),
     ("/v1/completions", {"prompt": [5000]}, 400, "prompt token ids [5000] are outside the vocabulary", "prompt"),
-    ("/v1/completions", {"prompt": "x", "n": 17}, 400, "n must be between 1 and 16, got 17", "n"),
+    ("/v1/completions", {"prompt": "x", "n": 9}, 400, "n must be between 1 and 8, got 9", "n"),
     ("/v1/completions", {"prompt": "x", "echo": True}, 400, "echo is not supported", "echo"),
     ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "the model 'gpt-4' does not exist here", "model"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages must not be empty", "messages"),
