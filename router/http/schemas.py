@@ -1,5 +1,6 @@
 """The OpenAI request bodies kvrelay accepts, as pydantic models. Unknown fields are ignored, as OpenAI does;
-fields of the wrong type are rejected (strict: "5" is not an integer, 1 is a valid temperature). A few vLLM
+fields of the wrong type are rejected (strict: "5" is not an integer, 1 is a valid temperature); `null` is the
+default of any optional field, as in OpenAI's API. A few vLLM
 extensions that clients send through `extra_body` are honoured: top_k, ignore_eos, stop_token_ids,
 skip_special_tokens, add_generation_prompt, chat_template_kwargs."""
 
@@ -7,13 +8,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 MAX_N = 8  # choices per request: each is a request of its own on the workers
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """OpenAI accepts `null` for every optional field and its SDKs and wrappers send it (`"n": null`): a null
+        means "the default". A required field sent as null reads as missing."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
 
 
 class StreamOptions(_Body):

@@ -85,6 +85,19 @@ def test_unknown_fields_ignored_and_ints_are_valid_floats():
     assert r.temperature == 0.0 and r.prompt == [1, 2]
 
 
+@pytest.mark.parametrize("model,required", [(CompletionRequest, {"prompt": "x"}),
+                                            (ChatCompletionRequest, {"messages": [{"role": "user"}]})])
+def test_null_means_the_default_for_every_optional_field(model, required):
+    optional = [name for name, f in model.model_fields.items() if not f.is_required()]
+    assert {"n", "stream", "ignore_eos", "logprobs", "skip_special_tokens"} <= set(optional)
+    body = {**required, **dict.fromkeys(optional), "stream_options": {"include_usage": None}}
+    assert model.model_validate_json(json.dumps(body)) == model.model_validate_json(json.dumps({
+        **required, "stream_options": {}}))
+    with pytest.raises(ValidationError) as e:
+        model.model_validate_json(json.dumps(dict.fromkeys(required)))
+    assert describe_error(e.value)[0] == f"'{next(iter(required))}' is required"
+
+
 def test_sse_framing():
     assert event({"a": "é"}) == 'data: {"a":"é"}\n\n' and DONE == "data: [DONE]\n\n"
 
