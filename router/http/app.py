@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from router.errors import INVALID_ARGUMENT, NOT_FOUND, RequestError
+from router.errors import INTERNAL, INVALID_ARGUMENT, NOT_FOUND, RequestError
 from router.http.chat import create_chat_completion
 from router.http.completions import create_completion
 from router.http.errors import error_response
@@ -40,6 +40,13 @@ def build_app(front: Frontend) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError) -> Response:
         return error_response(front.intake.refused(RequestError(INVALID_ARGUMENT, str(e))))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception) -> Response:
+        """A bug in the router: OpenAI's error JSON (clients parse it), counted as INTERNAL. Starlette re-raises
+        `e` after this answers, so uvicorn logs the traceback."""
+        return error_response(front.intake.refused(RequestError(
+            INTERNAL, f"internal error in the router: {type(e).__name__}: {e}")))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

@@ -52,7 +52,7 @@ async def create_chat_completion(front: Frontend, request: Request) -> Response:
 
     try:
         ids = await asyncio.to_thread(render)  # long conversations must not stall the other streams
-    except ValueError as e:
+    except ValueError as e:  # render turns whatever the template raised into ValueError
         raise bad(str(e), "messages") from None
     limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     # No limit given: whatever room the context leaves (OpenAI's chat default).

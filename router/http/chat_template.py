@@ -16,6 +16,10 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from engine.tokenizer import Tokenizer
 
+# Names chat_template_kwargs may not set: the arguments and helpers every render has (transformers passes its own
+# arguments over the caller's too).
+RESERVED = frozenset({"messages", "add_generation_prompt", "raise_exception", "strftime_now"})
+
 
 def _raise(message: str) -> None:
     raise jinja2.TemplateError(message)
@@ -86,12 +90,17 @@ class ChatTemplate:
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
                extra: dict[str, Any] | None = None) -> str:
-        """The prompt text. ValueError (what the template objected to) for conversations it refuses."""
-        kwargs = {**(extra or {}), **self.special_tokens}
+        """The prompt text. ValueError saying why for a conversation the template refuses or fails on: whatever
+        a template raises comes from the request's messages or `extra` (chat_template_kwargs), so it is the
+        client's 400, never the server's 500. `extra` cannot replace the arguments the template is given."""
+        kwargs = {k: v for k, v in (extra or {}).items() if k not in RESERVED}
+        kwargs.update(self.special_tokens)
         try:
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **kwargs)
         except jinja2.TemplateError as e:
             raise ValueError(f"the chat template refused these messages: {e}") from None
+        except Exception as e:  # e.g. a template adding a string to a chat_template_kwargs number
+            raise ValueError(f"the chat template failed on these messages: {type(e).__name__}: {e}") from None
 
 
 def chat_prompt_ids(text: str, tokenizer: Tokenizer, bos_token_id: int | None) -> list[int]:

@@ -17,13 +17,17 @@ import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.testclient import TestClient
 
 from bench.load.cli import main as bench_main
 from client import Client, KvrelayError
 from deploy import DEFAULT_MODEL_DIR
 from engine import LLM, SamplingParams
 from engine.tokenizer import Tokenizer
+from router.http.app import build_app
 from router.http.chat_template import ChatTemplate, chat_prompt_ids
+from router.http.frontend import Frontend
+from router.http.logprobs import TokenTexts
 from router.server import RouterServer
 
 KEY = "sk-test-5f3a"
@@ -185,7 +189,8 @@ BAD = [
     ("/v1/completions", {"max_tokens": 5}, 400, "'prompt' is required", "prompt"),
     ("/v1/completions", {"prompt": [1, "a"]}, 400, "'prompt' must be a string, a list of strings, a list of token "
      "ids or a list of lists of token ids", "prompt"),
-    ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature must be a finite number >= 0", "temperature"),
+    ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature must be a finite number >= 0",
+     "temperature"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 600}, 400, "lower max_tokens to at most", "max_tokens"),
     ("/v1/completions", {"prompt": [5000]}, 400, "prompt token ids [5000] are outside the vocabulary", "prompt"),
     ("/v1/completions", {"prompt": "x", "n": 9}, 400, "n must be between 1 and 8, got 9", "n"),
@@ -215,6 +220,32 @@ def test_not_json_and_unknown_route(base):
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     r = httpx.get(f"{base}/v1/embeddings")
     assert r.status_code == 404 and "there is no GET /v1/embeddings here" in r.json()["error"]["message"]
+
+
+def test_chat_template_kwargs_cannot_replace_the_messages(base, llm, chat_ids):
+    (ref,) = llm.generate([chat_ids], greedy(5))
+    body = {"messages": MESSAGES, "max_tokens": 5, "temperature": 0,
+            "chat_template_kwargs": {"messages": [{"role": "user"}], "add_generation_prompt": False}}
+    r = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == ref.text
+    assert r.json()["usage"]["prompt_tokens"] == len(chat_ids)
+
+
+def test_a_router_bug_is_an_openai_json_500_and_counted(router, base):
+    """Whatever escapes a route (here the health callback) answers OpenAI's error JSON, never plain text."""
+    def broken() -> tuple[bool, str]:
+        raise RuntimeError("the health callback broke")
+
+    front = Frontend(intake=router.intake, model_name="default_model", chat_template=None, bos_token_id=None,
+                     texts=TokenTexts(None), api_key=None, healthy=broken)
+    before = scrape(base)
+    with TestClient(build_app(front), raise_server_exceptions=False) as c:
+        r = c.get("/health")
+    assert r.status_code == 500 and r.json() == {"error": {
+        "message": "internal error in the router: RuntimeError: the health callback broke", "type": "server_error",
+        "param": None, "code": None}}
+    key = ("kvrelay:request_errors_total", (("status", "INTERNAL"),))
+    assert scrape(base).get(key, 0) - before.get(key, 0) == 1
 
 
 def test_openai_client_errors(oai):

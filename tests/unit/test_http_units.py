@@ -57,6 +57,18 @@ def test_template_sources_and_rendering(tmp_path):
         ChatTemplate.load(str(tmp_path), str(override), FakeTokenizer(), 1, (2,))
 
 
+def test_template_kwargs_cannot_replace_arguments_and_failures_are_value_errors(tmp_path):
+    source = ("{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}{% if add_generation_prompt %}[a]"
+              "{% endif %}{% if turns is defined %}{{ 'turns: ' + turns }}{% endif %}")
+    t = ChatTemplate(source, "inline", {})
+    msgs = [{"role": "user", "content": "hi"}]
+    assert t.render(msgs, True, {"messages": [{"role": "x"}], "add_generation_prompt": False,
+                                 "raise_exception": 1}) == "[user]hi[a]"
+    assert t.render(msgs, False, {"turns": "2"}) == "[user]hiturns: 2"
+    with pytest.raises(ValueError, match="the chat template failed on these messages: TypeError: "):
+        t.render(msgs, False, {"turns": 2})  # str + int in the template
+
+
 def test_no_template_and_sandbox(tmp_path):
     assert ChatTemplate.load(str(tmp_path), None, FakeTokenizer(), 1, (2,)) is None
     (tmp_path / "chat_template.jinja").write_text("{{ ''.__class__.__mro__ }}")
