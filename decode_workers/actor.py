@@ -12,8 +12,9 @@ from protos.serving import node_ip
 
 
 class DecodeRankActor:
-    def __init__(self, name: str, config: EngineConfig, rank: int) -> None:
+    def __init__(self, name: str, config: EngineConfig, rank: int, secret: str) -> None:
         self.name, self.config, self.rank = name, config, rank
+        self._secret = secret  # the deployment's: every call to rank 0's service must carry it
         self.leader: DecodeLeader | None = None
         self.follower: DecodeFollower | None = None
 
@@ -31,8 +32,9 @@ class DecodeRankActor:
         os.environ["KVRELAY_KV_HOST"] = ip
         device = "cuda:0" if self.config.device.startswith("cuda") else None  # Ray shows each rank its own GPU
         if self.rank == 0:
-            self.leader = DecodeLeader(self.name, self.config, init_method, device, bind_host="0.0.0.0",
-                                       advertise_host=ip, port=port)
+            # Bound to the node's address only (what the router reaches), never every interface.
+            self.leader = DecodeLeader(self.name, self.config, init_method, device, secret=self._secret,
+                                       bind_host=ip, port=port)
             return self.leader.address
         assert init_method is not None
         self.follower = DecodeFollower(self.config, self.rank, init_method, device)

@@ -25,10 +25,12 @@ def group_config(config: EngineConfig) -> EngineConfig:
 
 class DecodeLeader:
     """Rank 0. For tensor_parallel_size > 1, construct it while every follower joins `init_method` too (the
-    group forms when all ranks have joined). Mutates: the engine it owns."""
+    group forms when all ranks have joined). Every call to its service must carry the deployment's `secret`
+    (protos.guards). Mutates: the engine it owns."""
 
     def __init__(self, name: str, config: EngineConfig, init_method: str | None = None, device: str | None = None,
-                 bind_host: str = "127.0.0.1", advertise_host: str | None = None, port: int = 0) -> None:
+                 *, secret: str, bind_host: str = "127.0.0.1", advertise_host: str | None = None,
+                 port: int = 0) -> None:
         self.name = name
         config = group_config(config)
         executor: Executor | None = None
@@ -41,7 +43,7 @@ class DecodeLeader:
         self.engine = LLMEngine(config, executor)
         self.loop = EngineLoop(self.engine, name)
         service = DecodeService(name, self.loop)
-        self.server = AsyncServerThread(lambda s: add_to_server(s, service), bind_host, port, name)
+        self.server = AsyncServerThread(lambda s: add_to_server(s, service), secret, bind_host, port, name)
         self.port = self.server.start()
         self.loop.deliver_on(self.server.loop)
         self.address = f"{advertise_host or bind_host}:{self.port}"

@@ -12,38 +12,69 @@ from engine.engine_loop import EngineDead, EngineLoop
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
-from protos import codec
+from protos import checks, codec
 from protos import worker_pb2 as wpb
 from protos import worker_pb2_grpc as wpb_grpc
+
+# Listen opens stores on free ports without waiting for the peer (the channels form on threads of their own), so
+# it is quick; past this the caller gets DEADLINE_EXCEEDED rather than waiting on a stuck engine.
+LISTEN_TIMEOUT_S = 30.0
+# Prefill workers one group listens for: each holds stores and receiver threads, so a caller cannot pile them up.
+MAX_PEERS = 64
 
 
 class DecodeService(wpb_grpc.DecodeGroupServicer):
     def __init__(self, name: str, loop: EngineLoop) -> None:
         self.name, self.loop = name, loop
+        cfg = loop.engine.config
+        self.vocab_size, self.max_model_len = cfg.model.vocab_size, cfg.scheduler.max_model_len
+        self.peers: dict[str, int] = {}  # prefill worker -> its ranks, once a Listen for it succeeded
+
+    def _check(self, request: wpb.DecodeRequest | wpb.LocalRequest) -> tuple[str, list[int], SamplingParams]:
+        """(request id, prompt, sampling parameters) of a valid request; ValueError says what is wrong."""
+        rid = checks.identifier(request.request_id, "request_id")
+        prompt = checks.prompt(request.prompt_token_ids, self.vocab_size, self.max_model_len)
+        return rid, prompt, SamplingParams(**checks.sampling(request.sampling, self.vocab_size))
 
     async def Listen(self, request: wpb.ListenRequest, context: grpc.aio.ServicerContext) -> wpb.ListenReply:
-        peer, tp = request.prefill_worker, request.prefill_tensor_parallel_size
         try:
-            per_rank = await self.loop.acall(lambda eng: eng.call_extension("listen", peer, tp))
+            peer = checks.identifier(request.prefill_worker, "prefill_worker")
+            tp = checks.tensor_parallel_size(request.prefill_tensor_parallel_size, "prefill_tensor_parallel_size")
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if peer not in self.peers and len(self.peers) >= MAX_PEERS:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"decode group {self.name} listens for {MAX_PEERS} prefill workers already")
+        try:
+            per_rank = await asyncio.wait_for(self.loop.acall(lambda eng: eng.call_extension("listen", peer, tp)),
+                                              LISTEN_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"decode group {self.name} did not open its KV channels within {LISTEN_TIMEOUT_S} s")
         except Exception as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"decode group {self.name} could not listen: {e}")
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"decode group {self.name} could not listen: {codec.one_line(e)}")
+        self.peers[peer] = tp
         return wpb.ListenReply(channels=[
             wpb.ChannelAddress(decode_rank=d, prefill_rank=p, host=host, port=port)
             for d, addrs in enumerate(per_rank) for p, (host, port) in sorted(addrs.items())])
 
     async def Decode(self, request: wpb.DecodeRequest,
                      context: grpc.aio.ServicerContext) -> AsyncIterator[wpb.DecodeEvent]:
-        rid = request.request_id
         try:
-            params = SamplingParams(**codec.sampling_kwargs(request.sampling))
+            rid, prompt, params = self._check(request)
+            timeout_s = checks.transfer_timeout(request.transfer_timeout_s)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        peer, peer_tp = request.prefill_worker, request.prefill_tensor_parallel_size
+        if self.peers.get(peer) != peer_tp:
+            # Not the caller's input alone: the pair may need (re-)wiring, so a router tries elsewhere.
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"decode group {self.name} has no KV channels "
+                                f"from prefill worker {peer[:64]!r} of {peer_tp} rank(s): Listen first")
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
 
         def reserve(eng: LLMEngine) -> tuple[list[int] | None, int]:
-            blocks = eng.reserve_remote_prefill(rid, list(request.prompt_token_ids), params, request.prefill_worker,
-                                                request.prefill_tensor_parallel_size,
-                                                timeout_s=request.transfer_timeout_s or 30.0)
+            blocks = eng.reserve_remote_prefill(rid, prompt, params, peer, peer_tp, timeout_s=timeout_s)
             if blocks is not None:
                 self.loop.subscribe(rid, outputs.put_nowait)  # runs on this server's loop (deliver_on)
             return blocks, eng.num_free_blocks
@@ -51,11 +82,11 @@ class DecodeService(wpb_grpc.DecodeGroupServicer):
         try:
             blocks, free = await self.loop.astart(rid, reserve)
         except EngineDead as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"decode group {self.name}: {e}")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"decode group {self.name}: {codec.one_line(e)}")
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except Exception as e:  # e.g. a rank could not register the transfer
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"decode group {self.name}: {e}")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"decode group {self.name}: {codec.one_line(e)}")
         if blocks is None:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"decode group {self.name} has no free KV blocks or seats now ({free} blocks free)")
@@ -65,18 +96,20 @@ class DecodeService(wpb_grpc.DecodeGroupServicer):
 
     async def Generate(self, request: wpb.LocalRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[wpb.DecodeEvent]:
-        rid = request.request_id
+        try:
+            rid, prompt, params = self._check(request)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
 
         def add(eng: LLMEngine) -> None:
-            eng.add_request(rid, list(request.prompt_token_ids), params)
+            eng.add_request(rid, prompt, params)
             self.loop.subscribe(rid, outputs.put_nowait)  # runs on this server's loop (deliver_on)
 
         try:
-            params = SamplingParams(**codec.sampling_kwargs(request.sampling))
             await self.loop.astart(rid, add)
         except EngineDead as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"decode group {self.name}: {e}")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"decode group {self.name}: {codec.one_line(e)}")
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         async for ev in self._relay(rid, outputs):
@@ -102,7 +135,7 @@ class DecodeService(wpb_grpc.DecodeGroupServicer):
                     yield wpb.DecodeEvent(tokens=tokens_message(batch))
                 if finished:
                     yield wpb.DecodeEvent(finished=wpb.DecodeFinished(
-                        finish_reason=out.finish_reason or "abort", error=out.error or "",
+                        finish_reason=out.finish_reason or "abort", error=codec.one_line(out.error or ""),
                         cached_prompt_tokens=out.num_cached_tokens))
         finally:
             if not finished:
@@ -110,12 +143,15 @@ class DecodeService(wpb_grpc.DecodeGroupServicer):
 
     async def SetFirstToken(self, request: wpb.FirstToken, context: grpc.aio.ServicerContext) -> wpb.Ack:
         try:
-            await self.loop.acall(lambda eng: eng.set_first_token(request.request_id, request.token_id))
+            rid = checks.identifier(request.request_id, "request_id")
+            await self.loop.acall(lambda eng: eng.set_first_token(rid, request.token_id))
+        except ValueError as e:  # an empty id, or a token outside the vocabulary (the engine's check)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except KeyError:
             await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"decode group {self.name} has no reservation for request {request.request_id!r}")
+                                f"decode group {self.name} has no reservation for request {rid!r}")
         except EngineDead as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"decode group {self.name}: {e}")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"decode group {self.name}: {codec.one_line(e)}")
         return wpb.Ack()
 
     async def GetLoad(self, request: wpb.LoadRequest, context: grpc.aio.ServicerContext) -> wpb.WorkerLoad:

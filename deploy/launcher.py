@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,8 @@ class Placed:
     prefill_config: EngineConfig
     decode_config: EngineConfig
     device: str
+    # The internal API's per-deployment secret: the router sends it on every call to a worker. Never logged.
+    secret: str = field(default="", repr=False)
     actors: list[Any] = field(default_factory=list)
 
 
@@ -40,6 +43,9 @@ class Deployment:
         self.decode_actors: list[list[Any]] = []  # [group][rank]
         self.groups: list[Any] = []  # placement groups
         self.started_ray = False
+        # A fresh secret per deployment, handed to each actor through its constructor: only this process and the
+        # workers it starts can call the internal API.
+        self.secret = secrets.token_urlsafe(32)
 
     @property
     def num_actors(self) -> int:
@@ -102,13 +108,14 @@ class Deployment:
             ray.get(pg.ready(), timeout=c.startup_timeout_s)
             self.decode_actors.append([
                 decode_cls.options(max_restarts=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    pg, placement_group_bundle_index=r), **res).remote(f"decode-{g}", decode_cfg, r)
+                    pg, placement_group_bundle_index=r), **res).remote(f"decode-{g}", decode_cfg, r, self.secret)
                 for r in range(c.decode_tp)])
 
         # Prefill actors after the decode groups' packed placements, so they cannot fragment a node's GPUs.
         prefill_cls = ray.remote(PrefillActor)
         names = [f"prefill-{i}" for i in range(c.prefill_workers)]
-        self.prefill_actors = [prefill_cls.options(max_restarts=0, **res).remote(n, prefill_cfg) for n in names]
+        self.prefill_actors = [prefill_cls.options(max_restarts=0, **res).remote(n, prefill_cfg, self.secret)
+                               for n in names]
         prefill_addrs = [a.start.remote() for a in self.prefill_actors]
         group_addrs = []
         for ranks in self.decode_actors:
@@ -119,7 +126,7 @@ class Deployment:
         log.info("workers started in %.1f s on %s", time.monotonic() - t0, device)
         return Placed(prefill=[WorkerSpec(n, a, 1) for n, a in zip(names, got_prefill)],
                       decode=[WorkerSpec(f"decode-{g}", a, c.decode_tp) for g, a in enumerate(got_decode)],
-                      prefill_config=prefill_cfg, decode_config=decode_cfg, device=device)
+                      prefill_config=prefill_cfg, decode_config=decode_cfg, device=device, secret=self.secret)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop the engines cleanly where they answer, then kill every actor and release the placements."""

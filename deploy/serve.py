@@ -15,7 +15,8 @@ from router.server import RouterServer
 
 async def run_router(cfg: ServeConfig, placed: Placed, stop: asyncio.Event | None = None) -> None:
     """Serve until `stop` is set (or SIGINT/SIGTERM arrives)."""
-    router = RouterServer(cfg.router_config(), placed.prefill_config.model, placed.prefill, placed.decode)
+    router = RouterServer(cfg.router_config(), placed.prefill_config.model, placed.prefill, placed.decode,
+                          secret=placed.secret)
     port = await router.start(placed.decode_config.scheduler.max_model_len, cfg.startup_timeout_s)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()

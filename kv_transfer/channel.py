@@ -49,6 +49,9 @@ class KVChannel:
         else:
             self.pg = dist.ProcessGroupGloo(prefix, role, 2, timeout)
         self.store = store  # keep the rendezvous alive as long as the group
+        # Set by `close`. A gloo group's shutdown() leaves its connections working (torch 2.13), so a closed
+        # channel must refuse work itself: a pair closed on a failure never carries another step.
+        self.closed = False
 
     @staticmethod
     def listen(host: str, timeout_s: float) -> dist.TCPStore:
@@ -61,9 +64,13 @@ class KVChannel:
         return dist.TCPStore(host, port, 2, False, timeout=datetime.timedelta(seconds=timeout_s))
 
     def send(self, t: torch.Tensor) -> dist.Work:
+        if self.closed:
+            raise ChannelClosed("the KV channel was closed on this side")
         return self.pg.send([t], self.peer, 0)
 
     def recv(self, t: torch.Tensor) -> dist.Work:
+        if self.closed:
+            raise ChannelClosed("the KV channel was closed on this side")
         return self.pg.recv([t], self.peer, 0)
 
     def finish(self, work: dist.Work) -> None:
@@ -82,6 +89,7 @@ class KVChannel:
         return t
 
     def close(self) -> None:
+        self.closed = True
         try:
             self.pg.abort() if self.device.type == "cuda" else self.pg.shutdown()
         except Exception:

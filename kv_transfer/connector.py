@@ -1,9 +1,10 @@
 """The worker side of KV transfer: one `KVConnector` per rank, loaded as the engine's worker extension.
 
-Sender role (prefill ranks): `connect` to a decode group's ranks; then in every step that finishes the prefill of
-requests marked for transfer, send the header and table at the step's start and each layer's blocks from the
-runner's per-layer hook, so layer l travels while layer l+1 computes. The step ends when every send completed
-(so the prefill blocks can be freed); failures are reported per request.
+Sender role (prefill ranks): `connect` to a decode group's ranks (a serving worker: `start_connect`, which forms
+the channels on a thread of its own, then `connect_state` between steps installs them); then in every step that
+finishes the prefill of requests marked for transfer, send the header and table at the step's start and each
+layer's blocks from the runner's per-layer hook, so layer l travels while layer l+1 computes. The step ends when
+every send completed (so the prefill blocks can be freed); failures are reported per request.
 
 Receiver role (decode ranks): `listen` for a prefill worker (one channel and one thread per sending rank);
 `expect` registers a request's destination blocks before the prefill side may send. Threads write arriving
@@ -55,6 +56,16 @@ class _OutChannel:
             self.error = str(e)
 
 
+@dataclass
+class _PendingConnect:
+    peer: str
+    chans: dict[int, _OutChannel] = field(default_factory=dict)
+    error: str = ""
+    done: bool = False
+    installed: bool = False
+    abandoned: bool = False
+
+
 class KVConnector:
     # A receiver waits this long for a sender's next message; the sender's keepalive (every 30 s from the engine
     # loop) keeps an idle channel well inside it.
@@ -82,6 +93,7 @@ class KVConnector:
         self.out: dict[str, dict[int, _OutChannel]] = {}  # peer -> decode rank -> channel
         # (peer, all source block ids of the step's transfers to it, [(key, request id, src blocks)])
         self.step_sends: list[tuple[str, torch.Tensor, list[tuple[int, str, torch.Tensor]]]] = []
+        self.connecting: dict[str, _PendingConnect] = {}  # ticket -> a connect whose channels are forming
         self.closed = False
 
     # ================= receiver role =================
@@ -96,7 +108,10 @@ class KVConnector:
             self.in_channels.pop(key).close()
         addrs = {}
         for src in plan.sources(self.rank):
-            store = KVChannel.listen(self.host, self.timeout_s)
+            try:
+                store = KVChannel.listen(self.host, self.timeout_s)
+            except Exception as e:  # not a dead rank: a DistError would stop the engine loop
+                raise RuntimeError(f"could not open a KV channel store on {self.host}: {e}") from None
             addrs[src] = (self.host, store.port)
             slices = [s for s in plan.slices[self.rank] if s.src_rank == src]
             t = threading.Thread(target=self._serve, args=(peer, src, store, slices, gen), daemon=True,
@@ -214,17 +229,84 @@ class KVConnector:
                     self.landed.append(e.request_id)
 
     # ================= sender role =================
-    def connect(self, peer: str, decode_tp: int, addresses: list[dict[int, tuple[str, int]]]) -> None:
-        """Join the channels decode group `peer` opened for this rank (addresses[d][my rank] = (host, port))."""
+    def connect(self, peer: str, decode_tp: int, addresses: list[dict[int, tuple[str, int]]],
+                timeout_s: float | None = None) -> None:
+        """`start_connect` and wait for it, blocking the caller: for tools and tests that own the engine. A
+        serving worker uses `start_connect` and `connect_state`, so its engine loop never waits on a peer."""
+        ticket = f"blocking-{time.monotonic_ns()}"
+        self.start_connect(peer, decode_tp, addresses, ticket, timeout_s)
+        pending = self.connecting[ticket]
+        while not pending.done:
+            time.sleep(0.002)
+        error = self.connect_state(ticket)
+        self.connect_state(ticket, forget=True)
+        if error:
+            raise RuntimeError(f"could not connect to decode group {peer!r}: {error}")
+
+    def start_connect(self, peer: str, decode_tp: int, addresses: list[dict[int, tuple[str, int]]], ticket: str,
+                      timeout_s: float | None = None) -> None:
+        """Start joining the channels decode group `peer` opened for this rank (addresses[d][my rank] = (host,
+        port)) on a thread of its own: the TCPStore connect and the group's rendezvous block until the peer
+        answers or `timeout_s` passes, and must never block a step. `ticket` (the caller's, unique) names it
+        in `connect_state`. The pair's current channels keep serving until the new ones are ready; a failed
+        connect changes nothing."""
         plan: TransferPlan = make_transfer_plan(self.num_kv_heads, self.tp_size, decode_tp)
-        for old in self.out.pop(peer, {}).values():  # re-wiring a pair replaces its channels
-            old.channel.close()
-        chans = {}
+        targets = {}
         for d, slices in plan.sends_of(self.rank).items():
-            host, port = addresses[d][self.rank]
-            store = KVChannel.connect(host, port, self.timeout_s)
-            chans[d] = _OutChannel(KVChannel(store, KVChannel.SENDER, self.device, self.timeout_s), slices)
-        self.out[peer] = chans
+            if d >= len(addresses) or self.rank not in addresses[d]:
+                raise ValueError(f"no channel address for decode rank {d} from prefill rank {self.rank}")
+            targets[d] = (*addresses[d][self.rank], slices)
+        pending = _PendingConnect(peer)
+        with self.lock:
+            if ticket in self.connecting:
+                raise ValueError(f"a KV connect with ticket {ticket!r} is already under way")
+            self.connecting[ticket] = pending
+        threading.Thread(target=self._open, args=(pending, targets, timeout_s or self.timeout_s), daemon=True,
+                         name=f"kv-connect-{peer}").start()
+
+    def _open(self, pending: _PendingConnect, targets: dict[int, tuple[str, int, list[HeadSlice]]],
+              timeout_s: float) -> None:
+        chans: dict[int, _OutChannel] = {}
+        try:
+            for d, (host, port, slices) in targets.items():
+                store = KVChannel.connect(host, port, timeout_s)
+                chans[d] = _OutChannel(KVChannel(store, KVChannel.SENDER, self.device, self.timeout_s), slices)
+        except Exception as e:  # the caller's error, not this worker's: its other channels and steps go on
+            for ch in chans.values():
+                ch.channel.close()
+            chans = {}
+            pending.error = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        with self.lock:
+            pending.chans, pending.done = chans, True
+            if pending.abandoned:  # the caller gave up waiting: nobody will install these
+                for ch in chans.values():
+                    ch.channel.close()
+
+    def connect_state(self, ticket: str, forget: bool = False) -> str | None:
+        """Between steps: None while a `start_connect` is under way, "" once it succeeded (its channels replace
+        the pair's old ones at the first such call, with no step in flight on them), else why it failed.
+        `forget` drops the ticket; one not yet installed is abandoned (the channels it may still form are
+        closed)."""
+        with self.lock:
+            pending = self.connecting.get(ticket)
+            if pending is None:
+                return f"no KV connect under way with ticket {ticket!r}"
+            if forget:
+                del self.connecting[ticket]
+                if not pending.installed:
+                    pending.abandoned = True
+                    for ch in pending.chans.values():
+                        ch.channel.close()
+                return "" if pending.installed else pending.error or "abandoned"
+            if not pending.done:
+                return None
+            if pending.error or pending.installed:
+                return pending.error
+            pending.installed = True
+        for old in self.out.pop(pending.peer, {}).values():  # re-wiring a pair replaces its channels
+            old.channel.close()
+        self.out[pending.peer] = pending.chans
+        return ""
 
     def begin_step(self, out: Any) -> None:
         """Announce this step's transfers (rows of `out.transfers`: prompts completing this step whose KV goes

@@ -12,8 +12,9 @@ from protos.serving import node_ip
 
 
 class PrefillActor:
-    def __init__(self, name: str, config: EngineConfig) -> None:
+    def __init__(self, name: str, config: EngineConfig, secret: str) -> None:
         self.name, self.config = name, config
+        self._secret = secret  # the deployment's: every call to this worker's service must carry it
         self.worker: PrefillWorker | None = None
 
     def start(self, port: int = 0) -> str:
@@ -23,7 +24,8 @@ class PrefillActor:
         config = self.config
         if config.device.startswith("cuda"):
             config = dataclasses.replace(config, device="cuda:0")  # Ray shows the actor its own GPU only
-        self.worker = PrefillWorker(self.name, config, bind_host="0.0.0.0", advertise_host=ip, port=port)
+        # Bound to the node's address only (what the router reaches), never every interface.
+        self.worker = PrefillWorker(self.name, config, secret=self._secret, bind_host=ip, port=port)
         return self.worker.address
 
     def ping(self) -> bool:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import time
 from typing import Any
 
 import grpc
@@ -11,32 +13,49 @@ from engine.engine_loop import EngineDead, EngineLoop
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
-from protos import codec
+from protos import checks, codec
 from protos import worker_pb2 as wpb
 from protos import worker_pb2_grpc as wpb_grpc
+
+# A Connect waits this long at most (less when its caller's deadline is sooner) for the pair's channels to form.
+CONNECT_TIMEOUT_S = 60.0
+# Connects under way at once: each holds a thread until its peer answers or it times out.
+MAX_CONNECTS = 16
+CONNECT_POLL_S = 0.02
 
 
 class PrefillService(wpb_grpc.PrefillWorkerServicer):
     def __init__(self, name: str, loop: EngineLoop) -> None:
         self.name, self.loop = name, loop
+        cfg = loop.engine.config
+        self.vocab_size, self.max_model_len = cfg.model.vocab_size, cfg.scheduler.max_model_len
+        self.tp = cfg.parallel.tensor_parallel_size
+        self.connected: dict[str, int] = {}  # decode group -> its ranks, once a Connect to it succeeded
+        self._tickets = itertools.count()
+        self._connecting = 0
 
     async def Prefill(self, request: wpb.PrefillRequest, context: grpc.aio.ServicerContext) -> wpb.PrefillResult:
-        rid = request.request_id
         try:
-            params = SamplingParams(**codec.sampling_kwargs(request.sampling))
+            rid = checks.identifier(request.request_id, "request_id")
+            prompt = checks.prompt(request.prompt_token_ids, self.vocab_size, self.max_model_len)
+            params = SamplingParams(**checks.sampling(request.sampling, self.vocab_size))
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if request.decode_group and request.decode_group not in self.connected:
+            # Not the caller's input alone: the pair may need (re-)wiring, so a router retries elsewhere.
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"prefill worker {self.name} has no KV channels "
+                                f"to decode group {request.decode_group[:64]!r}: Connect first")
         transfer = {"peer": request.decode_group} if request.decode_group else None
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
 
         def add(eng: LLMEngine) -> None:
-            eng.add_request(rid, list(request.prompt_token_ids), params, transfer=transfer)
+            eng.add_request(rid, prompt, params, transfer=transfer)
             self.loop.subscribe(rid, outputs.put_nowait)  # runs on this server's loop (deliver_on)
 
         try:
             await self.loop.astart(rid, add)
         except EngineDead as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill worker {self.name}: {e}")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill worker {self.name}: {codec.one_line(e)}")
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         try:
@@ -48,7 +67,7 @@ class PrefillService(wpb_grpc.PrefillWorkerServicer):
             raise
         if out.finish_reason == "abort" or not out.token_ids:
             await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                f"prefill worker {self.name}: {out.error or 'request aborted'}")
+                                f"prefill worker {self.name}: {codec.one_line(out.error or 'request aborted')}")
         result = wpb.PrefillResult(first_token_id=out.token_ids[0], cached_prompt_tokens=out.num_cached_tokens,
                                    finish_reason=out.finish_reason or "")
         if out.logprobs:
@@ -57,19 +76,57 @@ class PrefillService(wpb_grpc.PrefillWorkerServicer):
         return result
 
     async def Connect(self, request: wpb.ConnectRequest, context: grpc.aio.ServicerContext) -> wpb.ConnectReply:
-        tp = request.decode_tensor_parallel_size
-        addresses: list[dict[int, tuple[str, int]]] = [{} for _ in range(tp)]
-        for c in request.channels:
-            if c.decode_rank >= tp:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"channel for decode rank {c.decode_rank} of a group of {tp} ranks")
-            addresses[c.decode_rank][c.prefill_rank] = (c.host, c.port)
+        """Joins the pair's channels off the engine loop: the engine only starts the connect and, between steps,
+        polls it (each a quick call), so a peer that never answers delays no prefill; a failed or timed-out
+        Connect fails only itself and leaves the pair's current channels as they were."""
         try:
-            await self.loop.acall(lambda eng: eng.call_extension("connect", request.decode_group, tp, addresses))
-        except Exception as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                f"prefill worker {self.name} could not connect to {request.decode_group!r}: {e}")
+            group = checks.identifier(request.decode_group, "decode_group")
+            tp = checks.tensor_parallel_size(request.decode_tensor_parallel_size, "decode_tensor_parallel_size")
+            addresses = checks.channel_addresses(request.channels, tp, self.tp)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if self._connecting >= MAX_CONNECTS:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"prefill worker {self.name} has "
+                                f"{MAX_CONNECTS} Connects under way already: retry once they are done")
+        remaining = context.time_remaining()
+        timeout_s = min(CONNECT_TIMEOUT_S, remaining) if remaining is not None else CONNECT_TIMEOUT_S
+        ticket = f"connect-{next(self._tickets)}"
+        self._connecting += 1
+        try:
+            error = await self._connect(ticket, group, tp, addresses, timeout_s)
+        finally:
+            self._connecting -= 1
+        if error is not None:
+            code, message = error
+            await context.abort(code, f"prefill worker {self.name} could not connect to {group!r}: {message}")
+        self.connected[group] = tp
         return wpb.ConnectReply()
+
+    async def _connect(self, ticket: str, group: str, tp: int, addresses: list[dict[int, tuple[str, int]]],
+                       timeout_s: float) -> tuple[grpc.StatusCode, str] | None:
+        """None once every rank installed the new channels; else (status, why)."""
+        try:
+            await self.loop.acall(lambda eng: eng.call_extension("start_connect", group, tp, addresses, ticket,
+                                                                 timeout_s))
+        except ValueError as e:
+            return grpc.StatusCode.INVALID_ARGUMENT, str(e)
+        except Exception as e:  # EngineDead, or a rank refused it
+            return grpc.StatusCode.UNAVAILABLE, codec.one_line(e)
+        deadline = time.monotonic() + timeout_s + 1.0  # the connect thread's own timeout ends it first
+        try:
+            while time.monotonic() < deadline:
+                states = await self.loop.acall(lambda eng: eng.call_extension("connect_state", ticket))
+                errors = [s for s in states if s]
+                if errors:
+                    return grpc.StatusCode.UNAVAILABLE, codec.one_line(errors[0])
+                if all(s == "" for s in states):
+                    return None
+                await asyncio.sleep(CONNECT_POLL_S)
+            return grpc.StatusCode.DEADLINE_EXCEEDED, f"its KV channels did not form within {timeout_s:.1f} s"
+        except EngineDead as e:
+            return grpc.StatusCode.UNAVAILABLE, codec.one_line(e)
+        finally:  # done, failed, timed out or the caller went away: a connect not installed is abandoned
+            self.loop.call(lambda eng: eng.call_extension("connect_state", ticket, True))
 
     async def GetLoad(self, request: wpb.LoadRequest, context: grpc.aio.ServicerContext) -> wpb.WorkerLoad:
         return codec.load_message(self.name, self.loop)

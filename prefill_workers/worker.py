@@ -15,16 +15,17 @@ KV_CONNECTOR = "kv_transfer.connector:KVConnector"
 
 
 class PrefillWorker:
-    """Mutates: the engine it owns. `address` is where its gRPC service listens once constructed."""
+    """Mutates: the engine it owns. `address` is where its gRPC service listens once constructed; every call must
+    carry the deployment's `secret` (protos.guards)."""
 
-    def __init__(self, name: str, config: EngineConfig, bind_host: str = "127.0.0.1",
+    def __init__(self, name: str, config: EngineConfig, *, secret: str, bind_host: str = "127.0.0.1",
                  advertise_host: str | None = None, port: int = 0) -> None:
         self.name = name
         config = dataclasses.replace(config, worker_extension=KV_CONNECTOR, detokenize=False)
         self.engine = LLMEngine(config)
         self.loop = EngineLoop(self.engine, name)
         service = PrefillService(name, self.loop)
-        self.server = AsyncServerThread(lambda s: add_to_server(s, service), bind_host, port, name)
+        self.server = AsyncServerThread(lambda s: add_to_server(s, service), secret, bind_host, port, name)
         self.port = self.server.start()
         self.loop.deliver_on(self.server.loop)
         self.address = f"{advertise_host or bind_host}:{self.port}"

@@ -46,11 +46,23 @@ def logprob_fields(msg: pb.TokenLogprob) -> tuple[float, list[tuple[int, float]]
     return msg.logprob, list(zip(msg.top_token_ids, msg.top_logprobs))
 
 
+def one_line(error: object, limit: int = 300) -> str:
+    """An error as one line for a peer or a client: tracebacks belong in the log only. Of a traceback, the words
+    before it and its last line (the exception) are kept; whitespace collapses; long text is cut at `limit`."""
+    text = str(error)
+    head, sep, tb = text.partition("Traceback (most recent call last):")
+    if sep:
+        last = next((ln for ln in reversed(tb.splitlines()) if ln.strip()), "")
+        text = f"{head.strip()} {last.strip()}"
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def load_message(name: str, loop: Any) -> wpb.WorkerLoad:
     """A worker's load from its engine loop's latest stats (`engine.engine_loop.EngineLoop`, duck-typed): no call
     into the loop, so polling never waits behind a step."""
     s, cfg = loop.stats, loop.engine.config
-    error = loop.error or ""
+    error = one_line(loop.error) if loop.error else ""
     stuck = loop.stuck_for()
     if not error and stuck > STUCK_S:
         error = f"its engine has been inside one step or call for {stuck:.0f} s (a rank hung?)"

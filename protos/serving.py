@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import grpc
 
+from protos.guards import server_interceptors
+
 SERVER_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20),
                   ("grpc.so_reuseport", 0),
                   # the router pings its workers every 10 s, idle or not (router.worker_api): allow it
@@ -18,11 +20,13 @@ SERVER_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send
 
 
 class AsyncServerThread:
-    """Mutates: its own thread and loop. `start()` binds `host:port` (0 = any free port) and returns the port."""
+    """Mutates: its own thread and loop. `start()` binds `host:port` (0 = any free port) and returns the port.
+    Every call must carry `secret` (protos.guards); undecodable requests get INVALID_ARGUMENT."""
 
-    def __init__(self, add_services: Callable[[grpc.aio.Server], None], host: str = "127.0.0.1", port: int = 0,
-                 name: str = "grpc") -> None:
+    def __init__(self, add_services: Callable[[grpc.aio.Server], None], secret: str, host: str = "127.0.0.1",
+                 port: int = 0, name: str = "grpc") -> None:
         self._add_services, self.host, self.port = add_services, host, port
+        self._interceptors = server_interceptors(secret)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name=f"kvrelay-{name}-grpc", daemon=True)
         self._server: grpc.aio.Server | None = None
@@ -32,7 +36,7 @@ class AsyncServerThread:
         return self.run(self._start())
 
     async def _start(self) -> int:
-        self._server = grpc.aio.server(options=SERVER_OPTIONS)
+        self._server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=self._interceptors)
         self._add_services(self._server)
         wanted = f"{self.host}:{self.port}"
         self.port = self._server.add_insecure_port(wanted)

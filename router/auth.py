@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 
+from protos.guards import refusing_handler
 from router.errors import UNAUTHENTICATED
 
 # gRPC methods any caller may use: the health service (probes, load balancers).
@@ -46,24 +47,4 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
             return handler
         if self.on_refused is not None:
             self.on_refused(UNAUTHENTICATED)
-        return _refusing(handler, problem)
-
-
-def _refusing(handler: grpc.RpcMethodHandler, problem: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as `handler` that aborts with UNAUTHENTICATED without calling the service."""
-
-    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
-
-    async def streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
-        yield  # pragma: no cover - makes this an async generator, as a streaming handler must be
-
-    kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(unary, **kw)
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(streaming, **kw)
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(unary, **kw)
-    return grpc.stream_stream_rpc_method_handler(streaming, **kw)
+        return refusing_handler(handler, grpc.StatusCode.UNAUTHENTICATED, problem)

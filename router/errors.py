@@ -10,6 +10,7 @@ NOT_FOUND = "NOT_FOUND"
 UNAUTHENTICATED = "UNAUTHENTICATED"
 RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
 UNAVAILABLE = "UNAVAILABLE"
+FAILED_PRECONDITION = "FAILED_PRECONDITION"  # a worker's, never a client's: the pair is not wired (yet)
 CANCELLED = "CANCELLED"  # the client went away (or its deadline passed) before the request finished
 INTERNAL = "INTERNAL"
 

@@ -22,7 +22,14 @@ from engine.tokenizer import Tokenizer
 from router.admission import WaitingRoom
 from router.client_stream import Chunk, ClientStream, Final, relay
 from router.config import RouterConfig
-from router.errors import CANCELLED, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE, RequestError
+from router.errors import (
+    CANCELLED,
+    FAILED_PRECONDITION,
+    INVALID_ARGUMENT,
+    RESOURCE_EXHAUSTED,
+    UNAVAILABLE,
+    RequestError,
+)
 from router.metrics import RouterMetrics
 from router.policy import RoutingPolicy
 from router.prefix_index import block_hashes
@@ -114,6 +121,9 @@ class Orchestrator:
                     continue
                 if e.code == INVALID_ARGUMENT:
                     raise RequestError(INVALID_ARGUMENT, e.details) from None
+                if e.code == FAILED_PRECONDITION:  # alive, but not wired to this prefill worker: try another
+                    log.warning("request %s: %s", rid, e.details)
+                    continue
                 self.pool.mark_unhealthy(d, f"decode group {d.name}: {e.details}")
                 continue
             except StopAsyncIteration:

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from engine.config import ModelConfig
 from engine.tokenizer import Tokenizer
+from protos.guards import server_interceptors
 from protos.serving import SERVER_OPTIONS
 from router import public_api
 from router.auth import ApiKeyInterceptor
@@ -51,8 +52,9 @@ class RouterServer:
     """Owns the worker pool, the orchestrator and the gRPC server; `start()` on the asyncio loop that serves."""
 
     def __init__(self, config: RouterConfig, model: ModelConfig, prefill: list[WorkerSpec],
-                 decode: list[WorkerSpec]) -> None:
+                 decode: list[WorkerSpec], *, secret: str) -> None:
         self.config, self.model = config, model
+        self._secret = secret  # the internal API's, for the worker clients; never logged
         self.specs = (prefill, decode)
         self.pool: WorkerPool | None = None
         self.tokenizer = Tokenizer.from_model_dir(model.model_dir)
@@ -61,14 +63,17 @@ class RouterServer:
         self.port = 0
         self.http_port: int | None = None
         self.metrics = RouterMetrics()
-        self.serving = False
+        self.serving = False  # the router's own life: started and not stopping
+        self.published: bool | None = None  # what grpc.health.v1 says now (SERVING = True)
         self._stats_task: asyncio.Task | None = None
+        self._health_task: asyncio.Task | None = None
 
     async def start(self, max_model_len: int, worker_timeout_s: float = 300.0) -> int:
         """Wait for the workers, wire their KV channels, then serve; returns the bound port. The pool's gRPC
         channels belong to the running loop, so they are made here."""
         m = self.metrics
-        self.pool = WorkerPool(*self.specs, poll_interval_s=self.config.load_poll_interval_s, on_load=lambda load: (
+        self.pool = WorkerPool(*self.specs, secret=self._secret, poll_interval_s=self.config.load_poll_interval_s,
+                               on_load=lambda load: (
             m.worker_load(load.name, load.running, load.waiting, load.num_blocks, load.free_blocks,
                           load.num_preemptions)))
         await self.pool.start(worker_timeout_s)
@@ -86,7 +91,9 @@ class RouterServer:
         info = public_api.model_info(limits, self.tokenizer is not None, len(self.pool.prefill),
                                      len(self.pool.decode), self.pool.decode[0].spec.tensor_parallel_size)
         key = self.config.api_key
-        interceptors = [ApiKeyInterceptor(key, self.metrics.failed)] if key is not None else []
+        # The key check first (a refused call is refused whatever its bytes), then the parse guard.
+        interceptors = ([ApiKeyInterceptor(key, self.metrics.failed)] if key is not None else []) + \
+            server_interceptors(None)
         self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
         public_api.add_to_server(GenerationService(self.intake, info), self.server)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
@@ -107,6 +114,7 @@ class RouterServer:
             await self._start_http(limits)
         await self.server.start()
         await self._set_health(True)
+        self._health_task = asyncio.create_task(self._watch_health())
         if self.config.stats_log_interval_s:
             self._stats_task = asyncio.create_task(self._log_stats(self.config.stats_log_interval_s))
         log.info("router serving gRPC on %s%s", self.port,
@@ -147,7 +155,27 @@ class RouterServer:
 
     async def _set_health(self, serving: bool) -> None:
         self.serving = serving
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self._publish_health()
+
+    async def _watch_health(self) -> None:
+        """Follow the load poll: NOT_SERVING while no capacity is left (no healthy prefill worker in a
+        disaggregated deployment, or no healthy decode group), so load balancers and probes stop sending
+        traffic; SERVING again once a worker is back."""
+        while True:
+            await asyncio.sleep(self.config.load_poll_interval_s)
+            await self._publish_health()
+
+    async def _publish_health(self) -> None:
+        ok, why = self.health_state()
+        if ok == self.published:
+            return
+        if self.serving and self.published is not None:  # capacity changed (not the router starting, stopping)
+            if ok:
+                log.warning("capacity is back: health is SERVING again")
+            else:
+                log.error("health is NOT_SERVING: %s", why)
+        self.published = ok
+        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", public_api.SERVICE_NAME):
             r = self.health.set(service, status)
             if r is not None and hasattr(r, "__await__"):
@@ -158,10 +186,11 @@ class RouterServer:
         await self.server.wait_for_termination()
 
     async def stop(self, grace_s: float = 2.0) -> None:
-        if self._stats_task is not None:
-            self._stats_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._stats_task
+        for task in (self._stats_task, self._health_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.server is not None:
             await self._set_health(False)
             await self.server.stop(grace_s)

@@ -12,6 +12,7 @@ import grpc
 from protos import codec
 from protos import worker_pb2 as wpb
 from protos import worker_pb2_grpc as wpb_grpc
+from protos.guards import secret_metadata
 
 # Keepalive pings: a worker whose node vanished without closing its connections (power loss, partition) fails
 # its open calls within ~30 s instead of the OS's TCP timeout. Worker servers allow these pings (protos.serving).
@@ -27,8 +28,10 @@ class WorkerError(Exception):
 
     @classmethod
     def from_rpc(cls, e: grpc.RpcError) -> WorkerError:
+        """The status and a one-line cause: what a worker says may reach clients, a traceback must not."""
         code = e.code() if hasattr(e, "code") else None
-        return cls(code.name if code is not None else "UNKNOWN", e.details() if hasattr(e, "details") else str(e))
+        details = e.details() if hasattr(e, "details") else str(e)
+        return cls(code.name if code is not None else "UNKNOWN", codec.one_line(details or "no details"))
 
 
 @dataclass
@@ -84,21 +87,25 @@ class ChannelAddress:
 
 def _load(msg: wpb.WorkerLoad) -> Load:
     return Load(msg.name, msg.num_blocks, msg.free_blocks, msg.block_size, msg.running, msg.waiting,
-                msg.prefix_cache_hit_rate, msg.healthy, msg.error, msg.max_num_seqs, msg.num_preemptions)
+                msg.prefix_cache_hit_rate, msg.healthy, codec.one_line(msg.error), msg.max_num_seqs,
+                msg.num_preemptions)
 
 
 class _Client:
-    def __init__(self, address: str) -> None:
+    """Every call carries the deployment's secret (protos.guards), which the workers require."""
+
+    def __init__(self, address: str, secret: str) -> None:
         self.address = address
         self.channel = grpc.aio.insecure_channel(address, options=OPTIONS)
+        self.md = secret_metadata(secret)
 
     async def close(self) -> None:
         await self.channel.close()
 
 
 class PrefillClient(_Client):
-    def __init__(self, address: str) -> None:
-        super().__init__(address)
+    def __init__(self, address: str, secret: str) -> None:
+        super().__init__(address, secret)
         self.stub = wpb_grpc.PrefillWorkerStub(self.channel)
 
     async def prefill(self, request_id: str, prompt: list[int], params: Any, decode_group: str) -> PrefillOutcome:
@@ -106,7 +113,7 @@ class PrefillClient(_Client):
         req = wpb.PrefillRequest(request_id=request_id, prompt_token_ids=prompt,
                                  sampling=codec.sampling_message(params, drop_stop=True), decode_group=decode_group)
         try:
-            r = await self.stub.Prefill(req)
+            r = await self.stub.Prefill(req, metadata=self.md)
         except grpc.RpcError as e:
             raise WorkerError.from_rpc(e) from None
         lp = codec.logprob_fields(r.first_logprob) if r.HasField("first_logprob") else None
@@ -117,13 +124,13 @@ class PrefillClient(_Client):
             wpb.ChannelAddress(decode_rank=c.decode_rank, prefill_rank=c.prefill_rank, host=c.host, port=c.port)
             for c in channels])
         try:
-            await self.stub.Connect(req)
+            await self.stub.Connect(req, metadata=self.md)
         except grpc.RpcError as e:
             raise WorkerError.from_rpc(e) from None
 
     async def load(self, timeout_s: float) -> Load:
         try:
-            return _load(await self.stub.GetLoad(wpb.LoadRequest(), timeout=timeout_s))
+            return _load(await self.stub.GetLoad(wpb.LoadRequest(), timeout=timeout_s, metadata=self.md))
         except grpc.RpcError as e:
             raise WorkerError.from_rpc(e) from None
 
@@ -145,7 +152,7 @@ class DecodeStream:
                     yield Tokens(t.start_index, list(t.token_ids), [codec.logprob_fields(x) for x in t.logprobs])
                 else:
                     f = ev.finished
-                    yield Finished(f.finish_reason, f.error, f.cached_prompt_tokens)
+                    yield Finished(f.finish_reason, codec.one_line(f.error), f.cached_prompt_tokens)
         except grpc.RpcError as e:
             raise WorkerError.from_rpc(e) from None
 
@@ -155,14 +162,14 @@ class DecodeStream:
 
 
 class DecodeClient(_Client):
-    def __init__(self, address: str) -> None:
-        super().__init__(address)
+    def __init__(self, address: str, secret: str) -> None:
+        super().__init__(address, secret)
         self.stub = wpb_grpc.DecodeGroupStub(self.channel)
 
     async def listen(self, prefill_worker: str, prefill_tp: int) -> list[ChannelAddress]:
         try:
             r = await self.stub.Listen(wpb.ListenRequest(prefill_worker=prefill_worker,
-                                                         prefill_tensor_parallel_size=prefill_tp))
+                                                         prefill_tensor_parallel_size=prefill_tp), metadata=self.md)
         except grpc.RpcError as e:
             raise WorkerError.from_rpc(e) from None
         return [ChannelAddress(c.decode_rank, c.prefill_rank, c.host, c.port) for c in r.channels]
@@ -173,21 +180,22 @@ class DecodeClient(_Client):
                                 sampling=codec.sampling_message(params, drop_stop=True),
                                 prefill_worker=prefill_worker, prefill_tensor_parallel_size=prefill_tp,
                                 transfer_timeout_s=transfer_timeout_s)
-        return DecodeStream(self.stub.Decode(req))
+        return DecodeStream(self.stub.Decode(req, metadata=self.md))
 
     def generate(self, request_id: str, prompt: list[int], params: Any) -> DecodeStream:
         """The whole request on this group, prefill included (a deployment without prefill workers)."""
         return DecodeStream(self.stub.Generate(wpb.LocalRequest(
-            request_id=request_id, prompt_token_ids=prompt, sampling=codec.sampling_message(params, drop_stop=True))))
+            request_id=request_id, prompt_token_ids=prompt, sampling=codec.sampling_message(params, drop_stop=True)),
+            metadata=self.md))
 
     async def set_first_token(self, request_id: str, token: int) -> None:
         try:
-            await self.stub.SetFirstToken(wpb.FirstToken(request_id=request_id, token_id=token))
+            await self.stub.SetFirstToken(wpb.FirstToken(request_id=request_id, token_id=token), metadata=self.md)
         except grpc.RpcError as e:
             raise WorkerError.from_rpc(e) from None
 
     async def load(self, timeout_s: float) -> Load:
         try:
-            return _load(await self.stub.GetLoad(wpb.LoadRequest(), timeout=timeout_s))
+            return _load(await self.stub.GetLoad(wpb.LoadRequest(), timeout=timeout_s, metadata=self.md))
         except grpc.RpcError as e:
             raise WorkerError.from_rpc(e) from None

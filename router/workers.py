@@ -42,16 +42,16 @@ class Worker:
 class WorkerPool:
     """Mutates: workers' views (load polls, health) and prefix indexes."""
 
-    def __init__(self, prefill: list[WorkerSpec], decode: list[WorkerSpec], poll_interval_s: float = 0.2,
-                 on_load: Callable[[Load], None] | None = None) -> None:
+    def __init__(self, prefill: list[WorkerSpec], decode: list[WorkerSpec], *, secret: str,
+                 poll_interval_s: float = 0.2, on_load: Callable[[Load], None] | None = None) -> None:
         if not decode:
             raise ValueError("the router needs at least one decode group (and prefill workers, or none for "
                              "aggregated serving)")
         names = [w.name for w in prefill + decode]
         if len(set(names)) != len(names):
             raise ValueError(f"worker names must be unique, got {names}")
-        self.prefill = [Worker(s, PrefillClient(s.address), WorkerView(s.name)) for s in prefill]
-        self.decode = [Worker(s, DecodeClient(s.address), WorkerView(s.name)) for s in decode]
+        self.prefill = [Worker(s, PrefillClient(s.address, secret), WorkerView(s.name)) for s in prefill]
+        self.decode = [Worker(s, DecodeClient(s.address, secret), WorkerView(s.name)) for s in decode]
         self.poll_interval_s = poll_interval_s
         self.on_load = on_load  # sees every polled load (the router's per-worker gauges)
         self._poller: asyncio.Task | None = None

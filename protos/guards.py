@@ -1,0 +1,148 @@
+"""Server interceptors every kvrelay gRPC server shares: the internal API's secret check, and the parse guard that
+turns a request grpc cannot decode (random bytes, invalid UTF-8 in a string field) into INVALID_ARGUMENT with
+one log line, instead of the UNKNOWN and multi-line traceback grpc's default deserializers produce.
+
+Put the secret check first: a refused call then says UNAUTHENTICATED whatever its bytes, and nothing it carries
+is looked at beyond the metadata."""
+
+from __future__ import annotations
+
+import hmac
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+log = logging.getLogger("kvrelay.grpc")
+
+# The metadata key that carries the deployment's secret on every internal call (router -> workers).
+SECRET_METADATA_KEY = "x-kvrelay-secret"
+
+
+def secret_metadata(secret: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata that authenticates a call to a worker of the deployment whose secret this is."""
+    return ((SECRET_METADATA_KEY, secret),)
+
+
+def refusing_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as `handler` that aborts with `code` without calling the service."""
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(code, message)
+
+    async def streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(code, message)
+        yield  # pragma: no cover - makes this an async generator, as a streaming handler must be
+
+    kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(unary, **kw)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(streaming, **kw)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(unary, **kw)
+    return grpc.stream_stream_rpc_method_handler(streaming, **kw)
+
+
+class SecretInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses every call whose `x-kvrelay-secret` metadata is not the deployment's secret (compared in constant
+    time, so the secret cannot be guessed by timing). A refused call never reaches the service."""
+
+    def __init__(self, secret: str) -> None:
+        if not secret:
+            raise ValueError("the internal API needs a non-empty secret (kvrelay serve generates one)")
+        self._secret = secret.encode()
+
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
+                                details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        given = dict(details.invocation_metadata or ()).get(SECRET_METADATA_KEY)
+        if isinstance(given, str) and hmac.compare_digest(given.encode(), self._secret):
+            return handler
+        problem = ("this is kvrelay's internal API: calls need the deployment's secret in the "
+                   f"'{SECRET_METADATA_KEY}' metadata" if not given else
+                   f"the '{SECRET_METADATA_KEY}' metadata is not this deployment's secret")
+        log.warning("refused %s: %s", details.method, problem)
+        return refusing_handler(handler, grpc.StatusCode.UNAUTHENTICATED, problem)
+
+
+class Undecodable:
+    """What the guarded deserializer returns for bytes that are not the method's request message."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _guarded(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as e:  # DecodeError, UnicodeDecodeError: the client's bytes, not a server fault
+            return Undecodable(_one_line(f"{type(e).__name__}: {e}"))
+
+    return parse
+
+
+class ParseGuardInterceptor(grpc.aio.ServerInterceptor):
+    """Gives every request-unary method a deserializer that cannot raise: undecodable bytes end the call with
+    INVALID_ARGUMENT "request could not be parsed: ..." and one warning line. (Request-streaming methods, of
+    which kvrelay has none of its own, keep grpc's behaviour.)"""
+
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
+                                details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None or handler.request_streaming:
+            return handler
+        method = details.method
+        kw = dict(request_deserializer=_guarded(handler.request_deserializer),
+                  response_serializer=handler.response_serializer)
+
+        async def refuse(request: Undecodable, context: grpc.aio.ServicerContext) -> None:
+            log.warning("%s: request could not be parsed (%s)", method, request.error)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request could not be parsed: {request.error} "
+                                f"(send a serialized {method} request message)")
+
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                if isinstance(request, Undecodable):
+                    return await refuse(request, context)
+                return await inner(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary, **kw)
+        stream_inner = handler.unary_stream
+        if not inspect.isasyncgenfunction(stream_inner):  # writes through context.write (e.g. health's Watch)
+
+            async def writing(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                if isinstance(request, Undecodable):
+                    return await refuse(request, context)
+                return await stream_inner(request, context)
+
+            return grpc.unary_stream_rpc_method_handler(writing, **kw)
+
+        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, Undecodable):
+                await refuse(request, context)
+                return
+            async for item in stream_inner(request, context):
+                yield item
+
+        return grpc.unary_stream_rpc_method_handler(streaming, **kw)
+
+
+def server_interceptors(secret: str | None) -> list[grpc.aio.ServerInterceptor]:
+    """The interceptors of a kvrelay server: the secret check (internal API) first, then the parse guard."""
+    return ([SecretInterceptor(secret)] if secret is not None else []) + [ParseGuardInterceptor()]
