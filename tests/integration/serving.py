@@ -16,6 +16,7 @@ from deploy.config import ServeConfig
 from deploy.launcher import Deployment, Placed
 from protos import worker_pb2 as wpb
 from protos import worker_pb2_grpc as wpb_grpc
+from protos.guards import secret_metadata
 from router.server import RouterServer
 
 # Small pools and few seats, so the tests can fill them: RESOURCE_EXHAUSTED and queueing are reachable.
@@ -33,6 +34,11 @@ class Served:
     loop: asyncio.AbstractEventLoop
     target: str
 
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """What a call to the internal API must carry: the deployment's secret."""
+        return secret_metadata(self.placed.secret)
+
     def loads(self) -> list[wpb.WorkerLoad]:
         """Every worker's load (prefill workers first)."""
         out = []
@@ -40,7 +46,7 @@ class Served:
             with grpc.insecure_channel(spec.address) as ch:
                 stub = (wpb_grpc.PrefillWorkerStub(ch) if spec in self.placed.prefill
                         else wpb_grpc.DecodeGroupStub(ch))
-                out.append(stub.GetLoad(wpb.LoadRequest(), timeout=10))
+                out.append(stub.GetLoad(wpb.LoadRequest(), timeout=10, metadata=self.metadata))
         return out
 
     def wait_all_free(self, timeout_s: float = 20.0) -> list[wpb.WorkerLoad]:
@@ -66,7 +72,8 @@ def start_serving(**overrides) -> Served:
     placed = deployment.start()
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True, name="test-router").start()
-    router = RouterServer(cfg.router_config(), placed.prefill_config.model, placed.prefill, placed.decode)
+    router = RouterServer(cfg.router_config(), placed.prefill_config.model, placed.prefill, placed.decode,
+                          secret=placed.secret)
     try:
         port = asyncio.run_coroutine_threadsafe(router.start(cfg.max_model_len or 512, 300), loop).result(320)
     except BaseException:

@@ -17,15 +17,17 @@ from router.config import RouterConfig
 from router.server import RouterServer
 from router.workers import WorkerSpec
 
+SECRET = "aggregated-test-secret"
+
 
 @pytest.fixture(scope="module")
 def aggregated(llama_dir):
     cfg = EngineConfig.from_model_dir(llama_dir, num_blocks=64, max_model_len=256, max_num_seqs=2)
-    groups = [DecodeLeader(f"g{i}", cfg) for i in range(2)]
+    groups = [DecodeLeader(f"g{i}", cfg, secret=SECRET) for i in range(2)]
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
     router = RouterServer(RouterConfig(host="127.0.0.1", port=0), cfg.model, [],
-                          [WorkerSpec(g.name, g.address) for g in groups])
+                          [WorkerSpec(g.name, g.address) for g in groups], secret=SECRET)
     port = asyncio.run_coroutine_threadsafe(router.start(256, 60), loop).result(90)
     yield groups, router, f"127.0.0.1:{port}"
     asyncio.run_coroutine_threadsafe(router.stop(), loop).result(30)

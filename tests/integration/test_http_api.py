@@ -36,7 +36,8 @@ MESSAGES = [{"role": "system", "content": "Answer in one line."}, {"role": "user
 
 def start_router(served, **overrides) -> RouterServer:
     cfg = dataclasses.replace(served.cfg.router_config(), port=0, http_port=0, **overrides)
-    router = RouterServer(cfg, served.placed.prefill_config.model, served.placed.prefill, served.placed.decode)
+    router = RouterServer(cfg, served.placed.prefill_config.model, served.placed.prefill, served.placed.decode,
+                          secret=served.placed.secret)
     asyncio.run_coroutine_threadsafe(router.start(served.cfg.max_model_len or 512, 60), served.loop).result(90)
     return router
 

@@ -1,89 +1,134 @@
 """Workers dying under the router (in one process, no Ray): a request whose prefill worker is gone is retried on
-another one, invisibly to the client; with no prefill worker left, requests fail fast with UNAVAILABLE; a decode
-group dying mid-stream ends its streams with UNAVAILABLE, never a hang."""
+another one, invisibly to the client; with no prefill worker left, requests fail fast with UNAVAILABLE and a
+one-line cause, and health says NOT_SERVING until a worker is back; a decode group dying mid-stream ends its
+streams with UNAVAILABLE and a one-line cause (the traceback goes to the log only), never a hang."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from local_system import start_local
 
-from client import Client, KvrelayError
-from decode_workers.group import DecodeLeader
-from engine import LLM, EngineConfig, SamplingParams
-from prefill_workers.worker import PrefillWorker
-from router.config import RouterConfig
-from router.server import RouterServer
-from router.workers import WorkerSpec
+from client import KvrelayError
+from engine import LLM, SamplingParams
 
 GREEDY = dict(max_tokens=10, temperature=0.0, ignore_eos=True)
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @pytest.fixture()
-def system(llama_dir):
-    cfg = EngineConfig.from_model_dir(llama_dir, num_blocks=64, max_model_len=256)
-    prefill = [PrefillWorker(f"p{i}", cfg) for i in range(2)]
-    decode = DecodeLeader("d0", cfg)
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-    router = RouterServer(RouterConfig(host="127.0.0.1", port=0, load_poll_interval_s=0.05), cfg.model,
-                          [WorkerSpec(w.name, w.address) for w in prefill], [WorkerSpec("d0", decode.address)])
-    port = asyncio.run_coroutine_threadsafe(router.start(256, 60), loop).result(90)
-    client = Client(f"127.0.0.1:{port}", timeout=30)
-    yield prefill, decode, router, client
-    client.close()
-    asyncio.run_coroutine_threadsafe(router.stop(), loop).result(30)
-    loop.call_soon_threadsafe(loop.stop)
-    for w in prefill:
-        w.stop()
-    decode.stop()
+def system(llama_dir, request):
+    """poll_interval_s from the test's parametrization (indirect), else 0.05 s."""
+    s = start_local(llama_dir, poll_interval_s=getattr(request, "param", 0.05))
+    yield s
+    s.stop()
 
 
-def wait_free(decode: DecodeLeader, timeout_s: float = 10.0) -> None:
+def health(target: str) -> int:
+    with grpc.insecure_channel(target) as ch:
+        return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+
+
+def wait_health(target: str, status: int, timeout_s: float = 5.0) -> None:
     deadline = time.monotonic() + timeout_s
-    while decode.loop.stats.free_blocks != decode.loop.stats.num_blocks or decode.loop.stats.remote:
-        assert time.monotonic() < deadline, decode.loop.stats
+    while health(target) != status:
+        assert time.monotonic() < deadline, f"health did not become {status}"
         time.sleep(0.02)
 
 
+def assert_one_line(message: str) -> None:
+    assert "\n" not in message and "Traceback" not in message and len(message) < 600, message
+
+
+# A 30 s poll: the router learns of the dead worker only from the failed call, so the retry must happen.
+@pytest.mark.parametrize("system", [30.0], indirect=True)
 def test_dead_prefill_worker_is_retried_elsewhere_then_unavailable(system, llama_dir):
-    prefill, decode, router, client = system
     prompts = [[3 + i, 40, 41, 42, 43] * 3 for i in range(4)]
     refs = LLM(llama_dir, max_model_len=256).generate(prompts, SamplingParams(**GREEDY))
-    prefill[0].stop()  # dies: its server is gone and its KV channels closed
-    for prompt, ref in zip(prompts, refs):  # some land on p0 first (the router does not know yet): retried
-        assert client.generate(prompt, **GREEDY).token_ids == ref.token_ids
-    p0 = router.pool.prefill[0]
+    system.prefill[0].stop()  # dies: its server is gone and its KV channels closed
+    for prompt, ref in zip(prompts, refs):  # the first goes to p0 (ties go by name): retried on p1
+        assert system.client.generate(prompt, **GREEDY).token_ids == ref.token_ids
+    assert system.retries() == 1  # once: the failed call marked p0 down, the rest went to p1 directly
+    p0 = system.router.pool.prefill[0]
     assert not p0.view.healthy and "unreachable" in p0.error
-    wait_free(decode)
-    prefill[1].stop()
+    system.wait_free()
+    system.prefill[1].stop()
     t0 = time.monotonic()
     with pytest.raises(KvrelayError) as e:
-        client.generate(prompts[0], **GREEDY)
+        system.client.generate(prompts[0], **GREEDY)
     assert e.value.code == "UNAVAILABLE" and time.monotonic() - t0 < 10
-    wait_free(decode)
+    assert "no healthy prefill worker" in e.value.details
+    assert_one_line(e.value.details)
+    system.wait_free()
+
+
+def test_no_capacity_is_not_serving_until_a_worker_returns(system, llama_dir):
+    prompt = [7, 8, 9, 10] * 4
+    (ref,) = LLM(llama_dir, max_model_len=256).generate([prompt], SamplingParams(**GREEDY))
+    assert health(system.target) == SERVING
+    for w in system.prefill:
+        w.stop()
+    wait_health(system.target, NOT_SERVING)
+    with pytest.raises(KvrelayError) as e:
+        system.client.generate(prompt, **GREEDY)
+    assert e.value.code == "UNAVAILABLE" and "no healthy prefill worker" in e.value.details
+    assert "p0 is unreachable" in e.value.details and "p1 is unreachable" in e.value.details
+    assert_one_line(e.value.details)
+    system.restart_prefill(1)  # back on p1's address, with no KV channels yet
+    wait_health(system.target, SERVING)
+    retries = system.retries()
+    # Its first prefill finds the pair unwired (FAILED_PRECONDITION): the router re-wires it and retries.
+    assert system.client.generate(prompt, **GREEDY).token_ids == ref.token_ids
+    assert system.retries() == retries + 1
+    system.wait_free()
+
+
+def test_decode_engine_failing_mid_stream_sends_a_one_line_cause(system):
+    s = system.client.stream([5, 6, 7, 8], max_tokens=240, temperature=0.0, ignore_eos=True)
+    it = iter(s)
+    next(it)
+
+    def rank_gone(*args, **kwargs):  # what the executor raises when a tensor-parallel rank has died
+        raise RuntimeError("decode rank 1 is gone")
+
+    system.decode.engine.executor.submit = rank_gone  # the engine's next step fails, as with a SIGKILLed rank
+    with pytest.raises(KvrelayError) as e:
+        list(it)
+    assert e.value.code == "UNAVAILABLE", e.value
+    assert e.value.details == ("decode group d0 aborted the request: engine failed: RuntimeError: decode rank 1 "
+                               "is gone")
+    wait_health(system.target, NOT_SERVING)  # the group reports itself unhealthy: no decode capacity left
+    with pytest.raises(KvrelayError) as e:
+        system.client.generate([5, 6, 7, 8], **GREEDY)
+    assert e.value.code == "UNAVAILABLE" and "no healthy decode group" in e.value.details
+    assert "RuntimeError: decode rank 1 is gone" in e.value.details
+    assert_one_line(e.value.details)
 
 
 def test_decode_group_dying_mid_stream_ends_the_stream(system):
-    prefill, decode, router, client = system
-    s = client.stream([5, 6, 7, 8], max_tokens=240, temperature=0.0, ignore_eos=True)
+    s = system.client.stream([5, 6, 7, 8], max_tokens=240, temperature=0.0, ignore_eos=True)
     it = iter(s)
     next(it)
-    decode.server.stop(grace_s=0)  # gone at once, mid-stream (no grace period to finish its requests)
+    system.decode.server.stop(grace_s=0)  # gone at once, mid-stream (no grace period to finish its requests)
     t0 = time.monotonic()
     with pytest.raises(KvrelayError) as e:
         list(it)
     assert e.value.code == "UNAVAILABLE" and time.monotonic() - t0 < 10, e.value
+    assert_one_line(e.value.details)
+    p0 = system.prefill[0].loop.stats
     deadline = time.monotonic() + 10
-    while prefill[0].loop.stats.free_blocks != prefill[0].loop.stats.num_blocks:
+    while p0.free_blocks != p0.num_blocks:
         assert time.monotonic() < deadline
         time.sleep(0.02)
+        p0 = system.prefill[0].loop.stats
+    wait_health(system.target, NOT_SERVING)
 
 
+@pytest.mark.parametrize("system", [30.0], indirect=True)
 def test_broken_kv_channel_is_rewired_and_the_request_retried(system, llama_dir):
-    prefill, decode, router, client = system
     prompt = [9, 10, 11, 12] * 4
     (ref,) = LLM(llama_dir, max_model_len=256).generate([prompt], SamplingParams(**GREEDY))
 
@@ -91,9 +136,10 @@ def test_broken_kv_channel_is_rewired_and_the_request_retried(system, llama_dir)
         for ch in eng.executor.extension.out["d0"].values():
             ch.channel.close()
 
-    for w in prefill:
+    for w in system.prefill:
         w.loop.call(break_channels).result(10)
-    for _ in range(2):  # whichever worker it lands on: the failed transfer is retried after re-wiring
-        assert client.generate(prompt, **GREEDY).token_ids == ref.token_ids
-    assert all(w.view.healthy for w in router.pool.prefill)
-    wait_free(decode)
+    for _ in range(2):  # the first lands on p0 (ties go by name): its transfer fails, p0-d0 is re-wired, retried
+        assert system.client.generate(prompt, **GREEDY).token_ids == ref.token_ids
+        assert system.retries() == 1  # the second found p0's channels re-wired
+    assert all(w.view.healthy for w in system.router.pool.prefill)
+    system.wait_free()
