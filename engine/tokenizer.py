@@ -18,9 +18,10 @@ class Tokenizer:
         path = os.path.join(model_dir, "tokenizer.json")
         return cls(path) if os.path.isfile(path) else None
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids with the tokenizer's own special tokens (e.g. BOS) as its post-processor adds them."""
-        return self._tok.encode(text).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids with the tokenizer's own special tokens (e.g. BOS) as its post-processor adds them, or the
+        text's tokens alone with `add_special_tokens=False` (a rendered chat template already has them)."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)

@@ -131,7 +131,7 @@ class RouterServer:
         template = ChatTemplate.load(self.model.model_dir, self.config.chat_template, self.tokenizer,
                                      self.model.bos_token_id, tuple(self.model.eos_token_ids))
         front = Frontend(self.intake, self.config.served_model_name or limits.model, template,
-                         self.model.bos_token_id, TokenTexts(self.tokenizer), self.config.api_key, self.health_state)
+                         TokenTexts(self.tokenizer), self.config.api_key, self.health_state)
         self.http = HttpServer(build_app(front), self.config.host, self.config.http_port or 0, self.config.tls_cert,
                                self.config.tls_key)
         self.http_port = await self.http.start()

@@ -4,9 +4,10 @@
 
 Everything it needs ships with Python: the corpus is every docstring in the standard library's own sources
 (parsed with `ast`: no network, no extra data). It writes a HuggingFace-format directory (config.json,
-model.safetensors in bfloat16, tokenizer.json, generation_config.json) that any kvrelay command can serve, and
-that transformers can load. The result writes recognisably Python-documentation-like English; it is a demo model
-for `make serve`, not a useful assistant. Any HF Llama/Mistral/Qwen2 directory can replace it.
+model.safetensors in bfloat16, tokenizer.json, tokenizer_config.json, generation_config.json) that any kvrelay
+command can serve, and that transformers can load. The result writes recognisably Python-documentation-like
+English; it is a demo model for `make serve`, not a useful assistant. Any HF Llama/Mistral/Qwen2 directory can
+replace it.
 """
 
 from __future__ import annotations
@@ -85,6 +86,10 @@ def train_tokenizer(docs: list[str], path: str) -> None:
     tok.train_from_iterator(docs, trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tok.save(path)
+    # The special tokens by name, as transformers reads them (its chat templates render `bos_token` from here).
+    with open(os.path.join(os.path.dirname(path), "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, f, indent=2)
+        f.write("\n")
 
 
 def main() -> None:

@@ -18,7 +18,8 @@ from router.http.schemas import ChatCompletionRequest
 
 
 def messages_of(req: ChatCompletionRequest) -> list[dict[str, Any]]:
-    """The messages as the template sees them: text content parts joined into one string."""
+    """The messages as the template sees them: text content parts joined into one string with newlines, as
+    vLLM joins them."""
     if not req.messages:
         raise bad("messages must not be empty", "messages")
     out = []
@@ -28,7 +29,7 @@ def messages_of(req: ChatCompletionRequest) -> list[dict[str, Any]]:
             if any(p.type != "text" or p.text is None for p in m.content):
                 raise bad(f"messages[{i}].content: only text parts ({{'type': 'text', 'text': ...}}) are "
                           "supported", "messages")
-            msg["content"] = "".join(p.text or "" for p in m.content)
+            msg["content"] = "\n".join(p.text or "" for p in m.content)
         out.append(msg)
     return out
 
@@ -48,7 +49,7 @@ async def create_chat_completion(front: Frontend, request: Request) -> Response:
 
     def render() -> list[int]:
         text = template.render(messages, req.add_generation_prompt, req.chat_template_kwargs)
-        return chat_prompt_ids(text, tokenizer, front.bos_token_id)
+        return chat_prompt_ids(text, tokenizer)
 
     try:
         ids = await asyncio.to_thread(render)  # long conversations must not stall the other streams

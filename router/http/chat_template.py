@@ -1,7 +1,9 @@
 """Chat templates: the model's own Jinja template (`chat_template` in tokenizer_config.json, or
 chat_template.jinja), or a file given with --chat-template, rendered as HuggingFace transformers renders it: a
-sandboxed, immutable Jinja environment with trim_blocks and lstrip_blocks, `raise_exception`, `strftime_now` and a
-`tojson` that keeps non-ASCII text, given `messages`, `add_generation_prompt` and the special tokens."""
+sandboxed, immutable Jinja environment with trim_blocks and lstrip_blocks, `raise_exception`, `strftime_now`, a
+`tojson` that keeps non-ASCII text and the `{% generation %}` block, given `messages`, `add_generation_prompt` and
+the special tokens. The rendered text is tokenized without the tokenizer's own special tokens, as transformers'
+apply_chat_template(tokenize=True) and vLLM do: the template writes whatever BOS the model wants."""
 
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ from datetime import datetime
 from typing import Any
 
 import jinja2
-from jinja2.ext import loopcontrols
+from jinja2 import nodes
+from jinja2.ext import Extension, loopcontrols
+from jinja2.parser import Parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from engine.tokenizer import Tokenizer
@@ -30,8 +34,21 @@ def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separ
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+class _GenerationBlock(Extension):
+    """`{% generation %}...{% endgeneration %}`: transformers' AssistantTracker tags, which mark the assistant's
+    tokens for training masks (return_assistant_tokens_mask). Serving needs only the text: the body renders as
+    if the tags were not there."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Parser) -> list[nodes.Node]:
+        next(parser.stream)  # the `generation` name
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
 def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[loopcontrols, _GenerationBlock])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -103,10 +120,6 @@ class ChatTemplate:
             raise ValueError(f"the chat template failed on these messages: {type(e).__name__}: {e}") from None
 
 
-def chat_prompt_ids(text: str, tokenizer: Tokenizer, bos_token_id: int | None) -> list[int]:
-    """Token ids of a rendered chat prompt. Templates usually write the BOS token themselves and the tokenizer
-    adds one too: keep one, as transformers' apply_chat_template(tokenize=True) callers expect."""
-    ids = tokenizer.encode(text)
-    if bos_token_id is not None and len(ids) >= 2 and ids[0] == ids[1] == bos_token_id:
-        ids = ids[1:]
-    return ids
+def chat_prompt_ids(text: str, tokenizer: Tokenizer) -> list[int]:
+    """Token ids of a rendered chat prompt: exactly the text's tokens, no BOS added (the template writes it)."""
+    return tokenizer.encode(text, add_special_tokens=False)

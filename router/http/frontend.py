@@ -26,7 +26,6 @@ class Frontend:
     intake: Intake
     model_name: str
     chat_template: ChatTemplate | None
-    bos_token_id: int | None
     texts: TokenTexts
     api_key: str | None
     healthy: Callable[[], tuple[bool, str]]  # (serving?, why not)

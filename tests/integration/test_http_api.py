@@ -18,6 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
+from transformers import AutoTokenizer
 
 from bench.load.cli import main as bench_main
 from client import Client, KvrelayError
@@ -25,7 +26,6 @@ from deploy import DEFAULT_MODEL_DIR
 from engine import LLM, SamplingParams
 from engine.tokenizer import Tokenizer
 from router.http.app import build_app
-from router.http.chat_template import ChatTemplate, chat_prompt_ids
 from router.http.frontend import Frontend
 from router.http.logprobs import TokenTexts
 from router.server import RouterServer
@@ -69,12 +69,18 @@ def llm():
     return LLM(DEFAULT_MODEL_DIR, dtype="float32", max_model_len=512)
 
 
+def hf_chat_ids(messages: list[dict]) -> list[int]:
+    """The reference chat prompt from transformers (not from the ChatTemplate under test)."""
+    ids = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR).apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert isinstance(ids, list) and isinstance(ids[0], int)
+    return ids
+
+
 @pytest.fixture(scope="module")
 def chat_ids() -> list[int]:
-    tok = Tokenizer.from_model_dir(DEFAULT_MODEL_DIR)
-    template = ChatTemplate.load(DEFAULT_MODEL_DIR, None, tok, 1, (2,))
-    ids = chat_prompt_ids(template.render(MESSAGES, True), tok, 1)
-    assert ids[0] == 1 and ids[1] != 1  # the template writes BOS, the tokenizer adds one: kept once
+    ids = hf_chat_ids(MESSAGES)
+    assert ids[0] == 1 and ids[1] != 1  # the template writes BOS once
     return ids
 
 
@@ -223,13 +229,16 @@ def test_not_json_and_unknown_route(base):
     assert r.status_code == 404 and "there is no GET /v1/embeddings here" in r.json()["error"]["message"]
 
 
-def test_chat_template_kwargs_cannot_replace_the_messages(base, llm, chat_ids):
-    (ref,) = llm.generate([chat_ids], greedy(5))
-    body = {"messages": MESSAGES, "max_tokens": 5, "temperature": 0,
+def test_content_parts_and_chat_template_kwargs_cannot_replace_the_messages(base, llm):
+    """Text parts are joined with newlines (as vLLM does); chat_template_kwargs cannot replace the messages."""
+    ids = hf_chat_ids([MESSAGES[0], {"role": "user", "content": "Return a\nlist of"}])
+    (ref,) = llm.generate([ids], greedy(5))
+    parts = [{"type": "text", "text": "Return a"}, {"type": "text", "text": "list of"}]
+    body = {"messages": [MESSAGES[0], {"role": "user", "content": parts}], "max_tokens": 5, "temperature": 0,
             "chat_template_kwargs": {"messages": [{"role": "user"}], "add_generation_prompt": False}}
     r = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == ref.text
-    assert r.json()["usage"]["prompt_tokens"] == len(chat_ids)
+    assert r.json()["usage"]["prompt_tokens"] == len(ids)
 
 
 def test_a_router_bug_is_an_openai_json_500_and_counted(router, base):
@@ -237,7 +246,7 @@ def test_a_router_bug_is_an_openai_json_500_and_counted(router, base):
     def broken() -> tuple[bool, str]:
         raise RuntimeError("the health callback broke")
 
-    front = Frontend(intake=router.intake, model_name="default_model", chat_template=None, bos_token_id=None,
+    front = Frontend(intake=router.intake, model_name="default_model", chat_template=None,
                      texts=TokenTexts(None), api_key=None, healthy=broken)
     before = scrape(base)
     with TestClient(build_app(front), raise_server_exceptions=False) as c:

@@ -8,6 +8,8 @@ import json
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from deploy import DEFAULT_MODEL_DIR
+from engine.tokenizer import Tokenizer
 from router.http.chat_template import ChatTemplate, chat_prompt_ids
 from router.http.schemas import ChatCompletionRequest, CompletionRequest, ValidationError, describe_error
 from router.http.sse import DONE, event
@@ -17,8 +19,8 @@ from router.metrics import RouterMetrics
 class FakeTokenizer:
     """Byte tokens shifted by 3, with BOS = 1 prepended, as a Llama tokenizer's post-processor does."""
 
-    def encode(self, text: str) -> list[int]:
-        ids = [1]
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = [1] if add_special_tokens else []
         i = 0
         while i < len(text):
             if text.startswith("<s>", i):
@@ -42,8 +44,6 @@ def test_template_sources_and_rendering(tmp_path):
     t = ChatTemplate.load(str(tmp_path), None, FakeTokenizer(), 1, (2,))
     assert t is not None and t.render([{"role": "user", "content": "hi"}], True) == "<s>[user]hi[assistant]"
     assert t.render([{"role": "user", "content": "hi"}], False) == "<s>[user]hi"
-    ids = chat_prompt_ids("<s>[user]hi", FakeTokenizer(), 1)
-    assert ids[:2] == [1, ord("[") + 3]  # BOS once, though the template and the tokenizer both add one
     (tmp_path / "chat_template.jinja").write_text("{{ raise_exception('no system role') }}")
     t = ChatTemplate.load(str(tmp_path), None, FakeTokenizer(), 1, (2,))
     with pytest.raises(ValueError, match="the chat template refused these messages: no system role"):
@@ -67,6 +67,21 @@ def test_template_kwargs_cannot_replace_arguments_and_failures_are_value_errors(
     assert t.render(msgs, False, {"turns": "2"}) == "[user]hiturns: 2"
     with pytest.raises(ValueError, match="the chat template failed on these messages: TypeError: "):
         t.render(msgs, False, {"turns": 2})  # str + int in the template
+
+
+def test_generation_blocks_render_their_body():
+    """transformers' `{% generation %}` tags (assistant-token masks) compile and leave the text unchanged."""
+    t = ChatTemplate("{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}<{{ m.content }}>"
+                     "{% endgeneration %}{% else %}{{ m.content }}{% endif %}{% endfor %}", "inline", {})
+    assert t.render([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], False) == "q<a>"
+
+
+def test_chat_prompts_get_no_bos_from_the_tokenizer():
+    """As transformers' apply_chat_template(tokenize=True): the template writes BOS, the tokenizer adds none."""
+    tok = Tokenizer.from_model_dir(DEFAULT_MODEL_DIR)
+    assert tok.encode("user: hi")[0] == 1  # the tokenizer's post-processor adds BOS by default
+    assert chat_prompt_ids("<s>user: hi", tok) == tok.encode("user: hi")
+    assert chat_prompt_ids("user: hi", tok) == tok.encode("user: hi")[1:]
 
 
 def test_no_template_and_sandbox(tmp_path):
