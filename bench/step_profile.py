@@ -41,6 +41,7 @@ def profile_batch(llm, prompts: list[list[int]], steps: int, variant: str, top: 
     for _ in range(steps):
         eng.step()
     prof.disable()
+    gpu = gpu_busy(eng, steps) if torch.cuda.is_available() else []
     while eng.has_unfinished_requests():
         eng.step()
     stats = pstats.Stats(prof).stats  # (file, line, name) -> (calls, primitive calls, own s, cumulative s, callers)
@@ -49,8 +50,28 @@ def profile_batch(llm, prompts: list[list[int]], steps: int, variant: str, top: 
             for (f, line, fn), (calls, _, own, cum, _) in stats.items()]
     by_own = sorted(rows, key=lambda r: -r["self_cpu_ms"])[:top]
     by_cum = sorted((r for r in rows if r["ours"]), key=lambda r: -r["cpu_ms"])[:top]
-    return by_own + [dict(name="--- kvrelay functions by cumulative time ---", self_cpu_ms=0.0, cpu_ms=0.0,
-                          calls=0.0, ours=False)] + by_cum
+    sep = [dict(name="--- kvrelay functions by cumulative time ---", self_cpu_ms=0.0, cpu_ms=0.0, calls=0.0)]
+    return by_own + sep + by_cum + gpu
+
+
+def gpu_busy(eng, steps: int) -> list[dict]:
+    """Wall time per step and the GPU's kernel time per step (the rest is the GPU idle), top kernels first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            eng.step()
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - t) / steps
+    kernels = [(e.key, getattr(e, "self_device_time_total", 0.0) / 1e3 / steps, e.count / steps)
+               for e in prof.key_averages()]
+    kernels = sorted((k for k in kernels if k[1] > 0), key=lambda k: -k[1])
+    busy = sum(k[1] for k in kernels)
+    rows = [dict(name=f"--- GPU: wall {wall * 1e3:.3f} ms/step (under the profiler), kernels {busy:.3f} ms/step ---",
+                 self_cpu_ms=busy, cpu_ms=wall * 1e3, calls=0.0)]
+    return rows + [dict(name=f"[gpu] {k[:80]}", self_cpu_ms=ms, cpu_ms=ms, calls=c) for k, ms, c in kernels[:12]]
 
 
 def main() -> None:

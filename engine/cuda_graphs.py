@@ -66,14 +66,13 @@ class DecodeGraphs:
             self.graphs[bs] = graph
         torch.cuda.synchronize()
 
-    def run(self, input_ids: torch.Tensor, packed: torch.Tensor, tables: torch.Tensor,
-            num_seqs: int) -> torch.Tensor:
-        """Replay the graph of `input_ids.shape[0]` rows (a bucket size) on device inputs: input_ids [bucket],
-        packed [>= 4, bucket] (StepInputs rows; padding rows have slot -1 and length 0), tables [bucket, max
-        blocks]. Returns logits [num_seqs, vocab] float32."""
-        bs = input_ids.shape[0]
-        self.packed[:, :bs].copy_(packed[:4])
-        self.packed[TOKEN, :bs].copy_(input_ids)
-        self.tables[:bs].copy_(tables)
-        self.graphs[bs].replay()
-        return self.outputs[bs][:num_seqs]
+    def static_inputs(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The buffers the graph of `bucket` rows reads, for the runner to fill in place: packed [4, bucket] (rows
+        TOKEN, POSITION, SLOT, LENGTH of StepInputs.packed; padding rows slot -1, length 0) and tables [bucket, max
+        blocks per sequence]."""
+        return self.packed[:, :bucket], self.tables[:bucket]
+
+    def replay(self, bucket: int, num_seqs: int) -> torch.Tensor:
+        """Replay the graph of `bucket` rows on its filled static inputs; returns logits [num_seqs, vocab] float32."""
+        self.graphs[bucket].replay()
+        return self.outputs[bucket][:num_seqs]

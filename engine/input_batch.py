@@ -89,8 +89,9 @@ class PersistentBatch:
                                  self.device)
                 self.tables.index_put_((diff[0], diff[1]), diff[2])
 
-    def prepare(self, out: SchedulerOutput, padded_tokens: int) -> StepInputs:
-        """Flat inputs of the step's tokens, padded to `padded_tokens` (a CUDA-graph bucket, or the token count)."""
+    def prepare(self, out: SchedulerOutput, padded_tokens: int, ids_out: torch.Tensor | None = None) -> StepInputs:
+        """Flat inputs of the step's tokens, padded to `padded_tokens` (a CUDA-graph bucket, or the token count);
+        the input ids are written into `ids_out` when given (a graph's static buffer)."""
         bs = self.block_size
         slots = np.asarray(out.slots, dtype=np.int64)
         starts = np.asarray(out.starts, dtype=np.int64)
@@ -121,7 +122,9 @@ class PersistentBatch:
         tail = dev[5 * padded_tokens:]
         sample_slots, sample_index = tail[:len(sel)], tail[len(sel):]
         tok = packed_dev[TOKEN]
-        input_ids = torch.where(tok >= 0, tok, self.last_tokens[packed_dev[BATCH_SLOT]])
+        last = self.last_tokens[packed_dev[BATCH_SLOT]]
+        input_ids = torch.where(tok >= 0, tok, last) if ids_out is None else \
+            torch.where(tok >= 0, tok, last, out=ids_out)
         sampling = None
         if len(sel):
             lp = int(self.logprobs[sel].max())

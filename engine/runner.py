@@ -25,7 +25,7 @@ import torch
 from engine.config import CacheConfig, ModelConfig, RuntimeConfig, SchedulerConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.distributed.parallel_state import get_tp
-from engine.input_batch import BATCH_SLOT, LENGTH, POSITION, SLOT, PersistentBatch, StepInputs, to_device
+from engine.input_batch import BATCH_SLOT, LENGTH, POSITION, SLOT, TOKEN, PersistentBatch, StepInputs, to_device
 from engine.layers import fused_ops
 from engine.layers.attention import Attention
 from engine.layers.attention_context import AttentionMetadata, attention_context
@@ -212,20 +212,26 @@ class ModelRunner:
         # the per-layer hook (kv_transfer's on_layer does nothing in other steps), so only those run eagerly.
         hooks = extension is not None and bool(out.transfers)
         graph = decode and self.graphs is not None and not hooks and n <= self.graphs.max_batch
-        inp = self.batch.prepare(out, self.graphs.bucket_for(n) if graph else out.total_tokens)
         meta = None
-        if decode:
-            tables = self.batch.tables[inp.packed[BATCH_SLOT]]  # [padded, max blocks per sequence]
-            if not graph:
-                meta = AttentionMetadata.for_decode(inp.packed[SLOT], inp.packed[LENGTH], tables)
+        if graph:  # inputs written straight into the graph's static buffers
+            bucket = self.graphs.bucket_for(n)
+            static, static_tables = self.graphs.static_inputs(bucket)
+            inp = self.batch.prepare(out, bucket, ids_out=static[TOKEN])
+            static[POSITION:].copy_(inp.packed[POSITION:LENGTH + 1])
+            torch.index_select(self.batch.tables, 0, inp.packed[BATCH_SLOT], out=static_tables)
         else:
-            meta = self._torch_metadata(out, inp)
+            inp = self.batch.prepare(out, out.total_tokens)
+            if decode:
+                tables = self.batch.tables[inp.packed[BATCH_SLOT]]  # [num_seqs, max blocks per sequence]
+                meta = AttentionMetadata.for_decode(inp.packed[SLOT], inp.packed[LENGTH], tables)
+            else:
+                meta = self._torch_metadata(out, inp)
         if extension is not None:
             extension.begin_step(out)
         try:
             logits = None
             if graph:
-                logits = self.graphs.run(inp.input_ids, inp.packed, tables, n)  # [n, vocab] float32
+                logits = self.graphs.replay(bucket, n)  # [n, vocab] float32
                 hidden = logits
             else:
                 if extension is not None:

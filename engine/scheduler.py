@@ -50,12 +50,13 @@ class Scheduler:
         self._free_slots = list(range(self.num_slots - 1, -1, -1))  # pop() hands out slot 0 first
         self._inflight: deque[tuple[SchedulerOutput, list[Sequence]]] = deque()
         self._rng = random.Random()
+        self._max_seq_len = min(config.max_model_len, num_blocks * cache.block_size)
 
     # ---- intake -------------------------------------------------------------------------------------------
     @property
     def max_seq_len(self) -> int:
         """Longest total length a request may reach: the model limit and the whole pool bound it."""
-        return min(self.config.max_model_len, self.blocks.pool.num_blocks * self.block_size)
+        return self._max_seq_len
 
     def _check_new(self, seq: Sequence) -> None:
         if seq.request_id in self.seqs:
@@ -124,9 +125,11 @@ class Scheduler:
         tokens already reach its limits, or whose prompt is complete and goes elsewhere, waits for collection."""
         if seq.num_placeholders == 0:
             return True
-        if seq.transfer is not None and seq.num_output_tokens > 0:
+        n = len(seq.token_ids)
+        outputs = n - seq.num_prompt_tokens
+        if seq.transfer is not None and outputs > 0:
             return False
-        return seq.num_output_tokens < seq.params.max_tokens and seq.num_tokens < self.max_seq_len
+        return outputs < seq.params.max_tokens and n < self._max_seq_len
 
     def _commit(self, out: SchedulerOutput, seq: Sequence, n: int) -> None:
         """Add a row computing tokens [computed, computed + n) of `seq` and advance the sequence past them."""
@@ -182,7 +185,9 @@ class Scheduler:
             if seq.num_placeholders and not self._can_step(seq):
                 i += 1
                 continue
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = len(seq.token_ids) - seq.num_computed_tokens
+            if n > budget:
+                n = budget
             # The common case, a decode whose token fits its last block, needs no allocation.
             while seq.num_computed_tokens + n > len(seq.block_table) * bs and not self.blocks.allocate(seq, n):
                 victim = self.running.pop()
@@ -259,7 +264,7 @@ class Scheduler:
         p = seq.params
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
             return "stop"
-        if index + 1 >= p.max_tokens or seq.num_prompt_tokens + index + 1 >= self.max_seq_len:
+        if index + 1 >= p.max_tokens or seq.num_prompt_tokens + index + 1 >= self._max_seq_len:
             return "length"
         return None
 

@@ -36,13 +36,13 @@ def prompts(n=6, seed=0, longest=133):
 @pytest.fixture
 def count_replays(monkeypatch):
     calls = []
-    run = DecodeGraphs.run
+    replay = DecodeGraphs.replay
 
-    def counted(self, input_ids, *args):
-        calls.append(input_ids.shape[0])  # the bucket replayed
-        return run(self, input_ids, *args)
+    def counted(self, bucket, num_seqs):
+        calls.append(bucket)
+        return replay(self, bucket, num_seqs)
 
-    monkeypatch.setattr(DecodeGraphs, "run", counted)
+    monkeypatch.setattr(DecodeGraphs, "replay", counted)
     return calls
 
 
