@@ -59,6 +59,6 @@ async def create_chat_completion(front: Frontend, request: Request) -> Response:
     # No limit given: whatever room the context leaves (OpenAI's chat default).
     max_tokens = limit if limit is not None else max(1, front.intake.limits.max_model_len - len(ids))
     specs = await admit_choices(front.intake, [ids], req.n, lambda p, j: sampling(req, max_tokens, j), chat=True)
-    fmt = ChatFormat(front.texts, logprobs=req.logprobs)
+    fmt = ChatFormat(front.texts, req.logprobs, [s.prompt_ids[-1] for s in specs])
     return await respond(request, front.intake, specs, fmt, front.model_name, req.n, req.stream,
                          bool(req.stream_options and req.stream_options.include_usage))

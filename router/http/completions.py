@@ -31,6 +31,6 @@ async def create_completion(front: Frontend, request: Request) -> Response:
     max_tokens = req.max_tokens if req.max_tokens is not None else DEFAULT_MAX_TOKENS
     specs = await admit_choices(front.intake, prompts, req.n, lambda p, j: sampling(req, max_tokens, j),
                                 chat=False)
-    fmt = CompletionFormat(front.texts, logprobs=req.logprobs is not None)
+    fmt = CompletionFormat(front.texts, req.logprobs is not None, [s.prompt_ids[-1] for s in specs])
     return await respond(request, front.intake, specs, fmt, front.model_name, req.n, req.stream,
                          bool(req.stream_options and req.stream_options.include_usage))

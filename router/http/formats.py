@@ -1,6 +1,7 @@
 """How one choice's chunks look in each OpenAI response shape: completions (`text_completion`) and chat
-(`chat.completion` / `chat.completion.chunk`), streamed or whole. Per-choice state is the running text offset of
-completions logprobs."""
+(`chat.completion` / `chat.completion.chunk`), streamed or whole. Per-choice state, for logprobs: the last token
+seen (token texts are decoded after it; a choice starts after its prompt's last token) and, for completions, the
+running text offset."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ class CompletionFormat:
     chunk_object = "text_completion"
     id_prefix = "cmpl-"
 
-    def __init__(self, texts: TokenTexts, logprobs: bool) -> None:
-        self.texts, self.logprobs = texts, logprobs
+    def __init__(self, texts: TokenTexts, logprobs: bool, context: list[int]) -> None:
+        """`context[i]`: choice i's last prompt token."""
+        self.texts, self.logprobs, self.context = texts, logprobs, context
         self._offsets: defaultdict[int, int] = defaultdict(int)
+        self._prev: dict[int, int | None] = dict(enumerate(context))
 
     def start(self, index: int) -> dict[str, Any] | None:
         return None  # completions have no opening chunk
@@ -29,7 +32,8 @@ class CompletionFormat:
             return None
         lp = None
         if self.logprobs:
-            lp, self._offsets[index] = completion_logprobs(chunk.logprobs, self.texts, self._offsets[index])
+            lp, self._offsets[index], self._prev[index] = completion_logprobs(
+                chunk.logprobs, self.texts, self._offsets[index], self._prev[index])
         return {"index": index, "text": chunk.text, "logprobs": lp, "finish_reason": None}
 
     def end(self, index: int, final: Final) -> dict[str, Any]:
@@ -38,7 +42,8 @@ class CompletionFormat:
     def whole(self, index: int, chunks: list[Chunk], final: Final) -> dict[str, Any]:
         lps = [lp for c in chunks for lp in c.logprobs]
         return {"index": index, "text": "".join(c.text for c in chunks),
-                "logprobs": completion_logprobs(lps, self.texts, 0)[0] if self.logprobs else None,
+                "logprobs": completion_logprobs(lps, self.texts, 0, self.context[index])[0] if self.logprobs
+                else None,
                 "finish_reason": final.finish_reason}
 
 
@@ -47,8 +52,10 @@ class ChatFormat:
     chunk_object = "chat.completion.chunk"
     id_prefix = "chatcmpl-"
 
-    def __init__(self, texts: TokenTexts, logprobs: bool) -> None:
-        self.texts, self.logprobs = texts, logprobs
+    def __init__(self, texts: TokenTexts, logprobs: bool, context: list[int]) -> None:
+        """`context[i]`: choice i's last prompt token."""
+        self.texts, self.logprobs, self.context = texts, logprobs, context
+        self._prev: dict[int, int | None] = dict(enumerate(context))
 
     def start(self, index: int) -> dict[str, Any] | None:
         return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -57,9 +64,10 @@ class ChatFormat:
     def delta(self, index: int, chunk: Chunk) -> dict[str, Any] | None:
         if not chunk.text and not (self.logprobs and chunk.logprobs):
             return None
-        return {"index": index, "delta": {"content": chunk.text},
-                "logprobs": chat_logprobs(chunk.logprobs, self.texts) if self.logprobs else None,
-                "finish_reason": None}
+        lp = None
+        if self.logprobs:
+            lp, self._prev[index] = chat_logprobs(chunk.logprobs, self.texts, self._prev[index])
+        return {"index": index, "delta": {"content": chunk.text}, "logprobs": lp, "finish_reason": None}
 
     def end(self, index: int, final: Final) -> dict[str, Any]:
         return {"index": index, "delta": {}, "logprobs": None, "finish_reason": final.finish_reason}
@@ -67,7 +75,7 @@ class ChatFormat:
     def whole(self, index: int, chunks: list[Chunk], final: Final) -> dict[str, Any]:
         lps = [lp for c in chunks for lp in c.logprobs]
         return {"index": index, "message": {"role": "assistant", "content": "".join(c.text for c in chunks)},
-                "logprobs": chat_logprobs(lps, self.texts) if self.logprobs else None,
+                "logprobs": chat_logprobs(lps, self.texts, self.context[index])[0] if self.logprobs else None,
                 "finish_reason": final.finish_reason}
 
 

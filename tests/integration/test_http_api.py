@@ -160,21 +160,33 @@ def test_raw_sse_framing(base, llm, chat_ids):
     assert "".join(p["choices"][0]["delta"].get("content", "") for p in payloads[:-1]) == ref.text
 
 
-def test_logprobs_in_both_formats(oai, llm):
+def test_logprobs_in_both_formats(oai, llm, chat_ids):
     prompt = "Return True if the"
     (ref,) = llm.generate([prompt], greedy(6, logprobs=2))
     r = oai.completions.create(model="default_model", prompt=prompt, max_tokens=6, temperature=0, logprobs=2)
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(ref.token_ids) == len(lp.token_logprobs) == len(lp.top_logprobs)
+    assert "".join(lp.tokens) == r.choices[0].text == ref.text
     assert lp.token_logprobs == pytest.approx([x.logprob for x in ref.logprobs], abs=1e-4)
-    assert all(len(t) == 2 for t in lp.top_logprobs)
-    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    tok = Tokenizer.from_model_dir(DEFAULT_MODEL_DIR)
+    prev = tok.encode(prompt)[-1]
+    for i, x in enumerate(ref.logprobs):  # each alternative's id (as its text after the previous token) and logprob
+        after = tok.decode([prev], skip_special_tokens=False)
+        want = {tok.decode([prev, tid], skip_special_tokens=False)[len(after):]: p for tid, p in x.top}
+        assert lp.top_logprobs[i].keys() == want.keys() and list(lp.top_logprobs[i].values()) == \
+            pytest.approx(list(want.values()), abs=1e-4)
+        prev = x.token_id
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+    (cref,) = llm.generate([chat_ids], greedy(5, logprobs=3))
     c = oai.chat.completions.create(model="default_model", messages=MESSAGES, max_tokens=5, temperature=0,
                                     logprobs=True, top_logprobs=3)
     content = c.choices[0].logprobs.content
     assert len(content) == c.usage.completion_tokens == 5
     assert all(len(e.top_logprobs) == 3 and e.bytes == list(e.token.encode()) for e in content)
-    assert "".join(e.token for e in content) == c.choices[0].message.content
+    assert "".join(e.token for e in content) == c.choices[0].message.content == cref.text
+    assert [e.logprob for e in content] == pytest.approx([x.logprob for x in cref.logprobs], abs=1e-4)
+    assert [t.logprob for e in content for t in e.top_logprobs] == \
+        pytest.approx([p for x in cref.logprobs for _, p in x.top], abs=1e-4)
 
 
 def test_disconnect_mid_stream_frees_blocks_everywhere(base, served):

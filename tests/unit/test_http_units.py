@@ -7,10 +7,16 @@ import json
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers
 
 from deploy import DEFAULT_MODEL_DIR
-from engine.tokenizer import Tokenizer
+from engine.outputs import Logprob
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from router.client_stream import Chunk, Final
 from router.http.chat_template import ChatTemplate, chat_prompt_ids
+from router.http.formats import ChatFormat, CompletionFormat
+from router.http.logprobs import TokenTexts
 from router.http.schemas import ChatCompletionRequest, CompletionRequest, ValidationError, describe_error
 from router.http.sse import DONE, event
 from router.metrics import RouterMetrics
@@ -123,6 +129,39 @@ def test_null_means_the_default_for_every_optional_field(model, required):
     with pytest.raises(ValidationError) as e:
         model.model_validate_json(json.dumps(dict.fromkeys(required)))
     assert describe_error(e.value)[0] == f"'{next(iter(required))}' is required"
+
+
+@pytest.fixture
+def metaspace(tmp_path) -> Tokenizer:
+    """A SentencePiece-style tokenizer (Metaspace: '▁' marks a word's leading space, dropped at a text's start)."""
+    vocab = {"<unk>": 0, "<s>": 1, "▁Hello": 2, "▁world": 3, "!": 4, "▁wor": 5, "ld": 6}
+    tok = HFTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    return Tokenizer(str(tmp_path / "tokenizer.json"))
+
+
+def test_logprob_tokens_keep_their_leading_spaces(metaspace):
+    prompt, completion = [1, 2], [5, 6, 4, 3]  # "<s>Hello" then " wor" "ld" "!" " world"
+    detok = IncrementalDetokenizer(metaspace, prompt)
+    text = "".join(detok.add(t) for t in completion) + detok.flush()
+    assert text == " world! world"
+    lps = [Logprob(t, -0.5 - i, [(t, -0.5 - i), (3, -3.0)]) for i, t in enumerate(completion)]
+    chunks = [Chunk(completion[:2], "", lps[:2]), Chunk(completion[2:], "", lps[2:])]
+    final = Final("r", "length", 2, 4, 0, 0.0, 0.0, 0.0, 0.0)
+    texts = TokenTexts(metaspace)
+    whole = CompletionFormat(texts, True, [prompt[-1]]).whole(0, chunks, final)["logprobs"]
+    assert whole["tokens"] == [" wor", "ld", "!", " world"] and "".join(whole["tokens"]) == text
+    assert whole["text_offset"] == [0, 4, 6, 7]
+    assert whole["top_logprobs"][1] == {"ld": -1.5, " world": -3.0}  # alternatives read after the previous token
+    streamed = CompletionFormat(texts, True, [prompt[-1]])
+    parts = [streamed.delta(0, c)["logprobs"] for c in chunks]
+    assert sum((p["tokens"] for p in parts), []) == whole["tokens"]
+    assert sum((p["text_offset"] for p in parts), []) == whole["text_offset"]
+    chat = ChatFormat(texts, True, [prompt[-1]])
+    content = [e for c in chunks for e in chat.delta(0, c)["logprobs"]["content"]]
+    assert [e["token"] for e in content] == whole["tokens"] and content[0]["bytes"] == list(b" wor")
+    assert ChatFormat(texts, True, [prompt[-1]]).whole(0, chunks, final)["logprobs"]["content"] == content
 
 
 def test_sse_framing():
