@@ -9,11 +9,12 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from router.client_stream import Chunk, Final
 from router.errors import RequestError
@@ -31,6 +32,22 @@ CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection"; no
 
 class ClientGone(Exception):
     pass
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A stream that runs `on_close` however it ends. Starlette may cancel a stream before its body iterator
+    ever starts (the client's disconnect is seen first), and then the iterator's own `finally` never runs: the
+    choices would run to completion with nobody reading them."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(content, media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_close()
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
@@ -84,8 +101,7 @@ async def respond(request: Request, intake: Intake, specs: list[RequestSpec], fm
     try:
         await until_disconnect(request, fan.prime())
         if stream:
-            return StreamingResponse(_events(fan, fmt, head, n, len(specs), include_usage),
-                                     media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
+            return ClosingStreamingResponse(_events(fan, fmt, head, n, len(specs), include_usage), fan.aclose)
         return JSONResponse(await until_disconnect(request, _whole(fan, fmt, head, n)))
     except RequestError as e:
         await fan.aclose()

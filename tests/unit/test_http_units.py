@@ -3,10 +3,14 @@ and the preemption counter's deltas."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.requests import ClientDisconnect
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
@@ -17,6 +21,7 @@ from router.client_stream import Chunk, Final
 from router.http.chat_template import ChatTemplate, chat_prompt_ids
 from router.http.formats import ChatFormat, CompletionFormat
 from router.http.logprobs import TokenTexts
+from router.http.respond import ClosingStreamingResponse
 from router.http.schemas import ChatCompletionRequest, CompletionRequest, ValidationError, describe_error
 from router.http.sse import DONE, event
 from router.metrics import RouterMetrics
@@ -162,6 +167,32 @@ def test_logprob_tokens_keep_their_leading_spaces(metaspace):
     content = [e for c in chunks for e in chat.delta(0, c)["logprobs"]["content"]]
     assert [e["token"] for e in content] == whole["tokens"] and content[0]["bytes"] == list(b" wor")
     assert ChatFormat(texts, True, [prompt[-1]]).whole(0, chunks, final)["logprobs"]["content"] == content
+
+
+@pytest.mark.parametrize("spec_version", ["2.0", "2.4"])
+def test_a_stream_closes_its_choices_even_if_it_never_starts(spec_version):
+    """The client is gone before the body starts: Starlette never runs the body iterator (2.0: the disconnect
+    cancels the stream first; 2.4: the first send fails), yet the choices must be closed."""
+    closed: list[bool] = []
+
+    async def body() -> AsyncIterator[str]:
+        yield "data: x\n\n"
+
+    async def on_close() -> None:
+        closed.append(True)
+
+    async def receive() -> dict:
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        if spec_version == "2.4":
+            raise OSError("the connection is closed")
+        await asyncio.sleep(0)
+
+    scope = {"type": "http", "asgi": {"spec_version": spec_version}}
+    with contextlib.suppress(ClientDisconnect):
+        asyncio.run(ClosingStreamingResponse(body(), on_close)(scope, receive, send))
+    assert closed == [True]
 
 
 def test_sse_framing():
