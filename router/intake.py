@@ -12,7 +12,7 @@ from typing import Any
 
 from engine.tokenizer import Tokenizer
 from router.client_stream import Chunk, Final
-from router.errors import ALREADY_EXISTS, INTERNAL, INVALID_ARGUMENT, RequestError
+from router.errors import ALREADY_EXISTS, CANCELLED, INTERNAL, INVALID_ARGUMENT, RequestError
 from router.metrics import RouterMetrics
 from router.orchestrator import Orchestrator
 from router.requests import ModelLimits, RequestSpec, validate
@@ -21,11 +21,13 @@ log = logging.getLogger("kvrelay.router")
 
 
 class Intake:
-    """Mutates: the set of live request ids (and, through the orchestrator, everything a request touches)."""
+    """Mutates: the sets of live and halted request ids (and, through the orchestrator, everything a request
+    touches)."""
 
     def __init__(self, orchestrator: Orchestrator, limits: ModelLimits) -> None:
         self.orch, self.limits = orchestrator, limits
         self.live: set[str] = set()
+        self.halted: set[str] = set()  # live requests the server is cancelling (not the client)
 
     @property
     def tokenizer(self) -> Tokenizer | None:
@@ -54,8 +56,14 @@ class Intake:
         return spec
 
     def release(self, spec: RequestSpec) -> None:
-        """Forget an admitted request that will not be run (its sibling failed to admit)."""
+        """Forget an admitted request that will not be run (its sibling failed to admit), or has ended."""
         self.live.discard(spec.request_id)
+        self.halted.discard(spec.request_id)
+
+    def halt(self, spec: RequestSpec) -> None:
+        """The server is about to cancel this request (a sibling choice of one HTTP request failed, which that
+        sibling's error counts): its cancellation is not counted as the client's."""
+        self.halted.add(spec.request_id)
 
     def refused(self, e: RequestError) -> RequestError:
         """Count a request refused before it reached the orchestrator (bad input, bad key, unknown model) once;
@@ -67,7 +75,8 @@ class Intake:
 
     async def run(self, spec: RequestSpec) -> AsyncIterator[Chunk | Final]:
         """The admitted request's chunks, then its Final. Raises RequestError; a bug in the router becomes
-        INTERNAL (logged, counted) and the server keeps serving. Closing this early cancels the request."""
+        INTERNAL (logged, counted) and the server keeps serving. Closing this early cancels the request, counted as
+        CANCELLED (the client went away or its deadline passed) unless the server halted it."""
         try:
             async for item in self.orch.generate(spec):
                 yield item
@@ -75,6 +84,8 @@ class Intake:
             e.counted = True  # the orchestrator counted it
             raise
         except (asyncio.CancelledError, GeneratorExit):
+            if spec.request_id not in self.halted:
+                self.metrics.failed(CANCELLED)
             raise
         except Exception as e:
             log.exception("request %s failed", spec.request_id)
@@ -82,3 +93,4 @@ class Intake:
                 from None
         finally:
             self.live.discard(spec.request_id)
+            self.halted.discard(spec.request_id)

@@ -23,7 +23,6 @@ from router.admission import WaitingRoom
 from router.client_stream import Chunk, ClientStream, Final, relay
 from router.config import RouterConfig
 from router.errors import (
-    CANCELLED,
     FAILED_PRECONDITION,
     INVALID_ARGUMENT,
     RESOURCE_EXHAUSTED,
@@ -159,9 +158,7 @@ class Orchestrator:
         except RequestError as e:
             self.metrics.failed(e.code)
             raise
-        except (asyncio.CancelledError, GeneratorExit):  # the client went away or its deadline passed
-            self.metrics.failed(CANCELLED)
-            raise
+        # A cancel (the client left, or the server stopped the request) is counted by the intake, which knows which.
         final = out.final()
         self.metrics.finished(final.finish_reason, final.prompt_tokens, final.cached_prompt_tokens,
                               final.completion_tokens, final.first_token_ms / 1e3 if final.completion_tokens else None,

@@ -1,6 +1,7 @@
 """Several admitted requests run at once as one HTTP request's choices (n > 1, or a batch of prompts): one task
 each, their chunks merged in arrival order, tagged with the choice index. Closing cancels every choice still
-running, which frees its blocks on every worker."""
+running, which frees its blocks on every worker. When one choice fails, the others are stopped at once: the server
+stopped them, so the intake does not count them as cancelled by the client."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ class Fanout:
         while self._running:
             index, item = await self._queue.get()
             if isinstance(item, RequestError):
+                self._stop_siblings()
                 raise item
             if item is _DONE:
                 self._running -= 1
@@ -67,12 +69,21 @@ class Fanout:
         while (got := await self._next()) is not None:
             yield got
 
+    def _stop_siblings(self) -> None:
+        """A choice failed, so the whole response has: stop the others now, as the server's doing."""
+        for spec, t in zip(self._specs, self._tasks):
+            if not t.done():
+                self._intake.halt(spec)
+                t.cancel()
+
     async def aclose(self) -> None:
         """Cancel what still runs. The cancels are what free the blocks; waiting for them is only tidiness, and
         is cut short if this task is itself being cancelled (a client that went away)."""
         for t in self._tasks:
             t.cancel()
-        for s in self._specs:  # a choice cancelled before it started never ran intake.run's own release
-            self._intake.release(s)
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+        finally:
+            for s in self._specs:  # a choice cancelled before it started never ran intake.run's own release
+                self._intake.release(s)

@@ -10,6 +10,7 @@ import json
 import shutil
 import ssl
 import subprocess
+import time
 
 import grpc
 import httpx
@@ -189,17 +190,74 @@ def test_logprobs_in_both_formats(oai, llm, chat_ids):
         pytest.approx([p for x in cref.logprobs for _, p in x.top], abs=1e-4)
 
 
-def test_disconnect_mid_stream_frees_blocks_everywhere(base, served):
+def moved_since(before: dict, after: dict, name: str, **labels) -> float:
+    key = (name, tuple(sorted(labels.items())))
+    return after.get(key, 0) - before.get(key, 0)
+
+
+def test_disconnects_abort_every_choice_on_the_workers(base, served):
+    """n=3, streamed then whole: closing the connection frees every block on every worker long before the
+    choices could have finished by themselves (at the token rate the stream showed)."""
+    served.wait_all_free()
     before = scrape(base)
-    body = {"prompt": "Return a list of", "max_tokens": 400, "ignore_eos": True, "temperature": 0, "stream": True}
-    with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as r:
-        lines = r.iter_lines()
-        assert next(lines).startswith("data: ")
-    loads = served.wait_all_free()  # the stream was closed after one chunk: every block freed on every worker
-    assert all(x.running == 0 for x in loads)
+    total = 3 * 480
+    body = {"prompt": "Return a list of", "max_tokens": 480, "ignore_eos": True, "temperature": 0, "n": 3,
+            "logprobs": 0}
+    with httpx.stream("POST", f"{base}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        got, first = 0, 0.0
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                got += sum(len(c["logprobs"]["tokens"]) for c in json.loads(line[6:])["choices"] if c["logprobs"])
+                first = first or time.monotonic()
+                if time.monotonic() - first > 0.5:
+                    break
+        rate = got / (time.monotonic() - first)  # tokens/s of the 3 choices together (first chunks count at t=0)
+    left = time.monotonic()
+    served.wait_all_free()
+    assert got < total and time.monotonic() - left < (total - got) / rate / 3, (got, rate, time.monotonic() - left)
+
+    sent = time.monotonic()
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up on a whole response after 1 s
+        httpx.post(f"{base}/v1/completions", json=body, timeout=httpx.Timeout(60, read=1.0))
+    left = time.monotonic()
+    served.wait_all_free()
+    assert time.monotonic() - left < (total - rate * (left - sent)) / rate / 3
     after = scrape(base)
-    key = ("kvrelay:request_errors_total", (("status", "CANCELLED"),))
-    assert after.get(key, 0) - before.get(key, 0) == 1
+    assert moved_since(before, after, "kvrelay:request_errors_total", status="CANCELLED") == 6
+    assert moved_since(before, after, "kvrelay:request_success_total", finished_reason="length") == 0
+
+
+def test_overload_is_429_and_no_decode_group_is_503(served):
+    """A router without a waiting line: 8 choices cannot all get one of the decode group's 4 seats, so 429; the
+    choices the server then stopped are not counted as cancelled by the client. With its decode group marked
+    down (as a failed call marks it; no load poll brings it back here): 503 on requests and /health."""
+    r = start_router(served, max_queued_requests=0, load_poll_interval_s=3600.0)
+    try:
+        base = f"http://127.0.0.1:{r.http_port}"
+        served.wait_all_free()
+        before = scrape(base)
+        body = {"prompt": "Return a list of", "max_tokens": 400, "ignore_eos": True, "n": 8}
+        resp = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
+        assert resp.status_code == 429, resp.text
+        err = resp.json()["error"]
+        assert (err["type"], err["code"]) == ("requests", "rate_limit_exceeded") and "capacity" in err["message"]
+        served.wait_all_free()
+        after = scrape(base)
+        refused = moved_since(before, after, "kvrelay:request_errors_total", status="RESOURCE_EXHAUSTED")
+        assert 1 <= refused <= 4 and moved_since(before, after, "kvrelay:request_errors_total", status="CANCELLED") == 0
+        assert sum(v - before.get(k, 0) for k, v in after.items() if k[0] == "kvrelay:request_errors_total") == refused
+
+        async def mark_down() -> None:
+            r.pool.mark_unhealthy(r.pool.decode[0], "decode-0 is down (test)")
+
+        asyncio.run_coroutine_threadsafe(mark_down(), served.loop).result(10)
+        resp = httpx.post(f"{base}/v1/completions", json={"prompt": "x", "max_tokens": 4}, timeout=30)
+        assert resp.status_code == 503 and resp.json()["error"]["type"] == "server_error"
+        assert "no healthy decode group" in resp.json()["error"]["message"]
+        health = httpx.get(f"{base}/health")
+        assert health.status_code == 503 and "decode-0 is down (test)" in health.json()["reason"]
+    finally:
+        stop_router(served, r)
 
 
 BAD = [
