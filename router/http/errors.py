@@ -13,7 +13,7 @@ from router.errors import RequestError
 STATUSES: dict[str, tuple[int, str, str | None]] = {
     "INVALID_ARGUMENT": (400, "invalid_request_error", None),
     "UNAUTHENTICATED": (401, "invalid_request_error", "invalid_api_key"),
-    "NOT_FOUND": (404, "invalid_request_error", "model_not_found"),
+    "NOT_FOUND": (404, "invalid_request_error", None),  # an unknown route, as OpenAI answers one
     "ALREADY_EXISTS": (409, "invalid_request_error", None),
     "RESOURCE_EXHAUSTED": (429, "requests", "rate_limit_exceeded"),
     "CANCELLED": (499, "invalid_request_error", None),
@@ -24,6 +24,8 @@ STATUSES: dict[str, tuple[int, str, str | None]] = {
 
 def error_body(e: RequestError) -> dict:
     _, kind, code = STATUSES.get(e.code, STATUSES["INTERNAL"])
+    if e.code == "NOT_FOUND" and e.param == "model":  # the code names the cause: here an unknown model
+        code = "model_not_found"
     return {"error": {"message": e.message, "type": kind, "param": e.param, "code": code}}
 
 

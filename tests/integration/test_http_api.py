@@ -297,6 +297,7 @@ def test_not_json_and_unknown_route(base):
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     r = httpx.get(f"{base}/v1/embeddings")
     assert r.status_code == 404 and "there is no GET /v1/embeddings here" in r.json()["error"]["message"]
+    assert r.json()["error"]["code"] is None and r.json()["error"]["param"] is None  # not an unknown model
 
 
 def test_content_parts_and_chat_template_kwargs_cannot_replace_the_messages(base, llm):
