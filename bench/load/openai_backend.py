@@ -10,6 +10,8 @@ tokens per event, as kvrelay does when a decode step outruns the client, is coun
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 from collections.abc import AsyncIterator
@@ -22,6 +24,25 @@ import httpx
 STATUS_NAMES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
                 408: "DEADLINE_EXCEEDED", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE",
                 504: "DEADLINE_EXCEEDED"}
+# An error event inside a stream (its 200 already sent) says what failed by OpenAI's string `code` (OpenAI,
+# kvrelay), by an integer HTTP status in `code` (vLLM), or only by its `type`.
+CODE_NAMES = {"rate_limit_exceeded": "RESOURCE_EXHAUSTED", "insufficient_quota": "RESOURCE_EXHAUSTED",
+              "invalid_api_key": "UNAUTHENTICATED", "model_not_found": "NOT_FOUND",
+              "context_length_exceeded": "INVALID_ARGUMENT"}
+TYPE_NAMES = {"invalid_request_error": "INVALID_ARGUMENT", "authentication_error": "UNAUTHENTICATED",
+              "permission_error": "PERMISSION_DENIED", "not_found_error": "NOT_FOUND",
+              "requests": "RESOURCE_EXHAUSTED", "rate_limit_error": "RESOURCE_EXHAUSTED", "server_error": "INTERNAL",
+              "BadRequestError": "INVALID_ARGUMENT", "NotFoundError": "NOT_FOUND", "InternalServerError": "INTERNAL"}
+
+
+def error_name(error: dict[str, Any]) -> str:
+    """The status name of a stream's error event."""
+    code = error.get("code")
+    if isinstance(code, int) or (isinstance(code, str) and code.isdigit()):
+        return STATUS_NAMES.get(int(code), f"HTTP_{code}")
+    if isinstance(code, str) and code in CODE_NAMES:
+        return CODE_NAMES[code]
+    return TYPE_NAMES.get(str(error.get("type")), "SERVER_ERROR")
 
 
 class OpenAIError(Exception):
@@ -70,7 +91,8 @@ class ModelCard:
 
 
 class OpenAIStream:
-    """One streamed completion; `final` is set once the stream ended with its usage."""
+    """One streamed completion; `final` is set once the stream ended with its usage. `timeout` bounds the whole
+    request (httpx's own timeout bounds each read, which a trickling stream never trips)."""
 
     def __init__(self, http: httpx.AsyncClient, body: dict[str, Any], timeout: float | None) -> None:
         self._http, self._body, self._timeout = http, body, timeout
@@ -78,12 +100,33 @@ class OpenAIStream:
         self.final: Final | None = None
 
     async def __aiter__(self) -> AsyncIterator[TextChunk]:
+        loop = asyncio.get_running_loop()
+        deadline = None if self._timeout is None else loop.time() + self._timeout
+        try:
+            async with contextlib.aclosing(self._events(deadline)) as events:  # closing it closes the response
+                async for chunk in events:
+                    yield chunk
+        except TimeoutError:
+            raise OpenAIError("DEADLINE_EXCEEDED", f"the request took more than {self._timeout} s") from None
+
+    async def _events(self, deadline: float | None) -> AsyncIterator[TextChunk]:
+        # The deadline applies only while this awaits the server, never while the caller holds a chunk.
         rid, reason, usage = "", "", None
-        async with self._http.stream("POST", "completions", json=self._body, timeout=self._timeout) as r:
-            self._response = r
+        async with asyncio.timeout_at(deadline):
+            r = await self._http.send(self._http.build_request("POST", "completions", json=self._body,
+                                                               timeout=self._timeout), stream=True)
+        self._response = r
+        try:
             if r.status_code != 200:
-                raise OpenAIError.from_body(r.status_code, await r.aread())
-            async for line in r.aiter_lines():
+                async with asyncio.timeout_at(deadline):
+                    body = await r.aread()
+                raise OpenAIError.from_body(r.status_code, body)
+            lines = r.aiter_lines()
+            while True:
+                async with asyncio.timeout_at(deadline):
+                    line = await anext(lines, None)
+                if line is None:
+                    break
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
@@ -91,14 +134,15 @@ class OpenAIStream:
                     break
                 event = json.loads(data)
                 if "error" in event:
-                    raise OpenAIError(STATUS_NAMES.get(event["error"].get("code") or 0, "SERVER_ERROR"),
-                                      str(event["error"].get("message")))
+                    raise OpenAIError(error_name(event["error"]), str(event["error"].get("message")))
                 rid = event.get("id", rid)
                 usage = event.get("usage") or usage
                 for choice in event.get("choices") or []:
                     if choice.get("text"):
                         yield TextChunk(choice["text"])
                     reason = choice.get("finish_reason") or reason
+        finally:
+            await r.aclose()
         if usage is not None:
             cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
             self.final = Final(rid, reason, Usage(usage["prompt_tokens"], usage["completion_tokens"], cached))

@@ -22,6 +22,7 @@ from starlette.testclient import TestClient
 from transformers import AutoTokenizer
 
 from bench.load.cli import main as bench_main
+from bench.load.openai_backend import OpenAIClient, OpenAIError
 from client import Client, KvrelayError
 from deploy import DEFAULT_MODEL_DIR
 from engine import LLM, SamplingParams
@@ -444,3 +445,18 @@ def test_bench_openai_backend_against_the_http_front(base, tmp_path):
         assert r["ok"] and r["finish_reason"] == "length" and r["completion_tokens"] == 6 == r["output_tokens"]
         assert r["prompt_tokens"] == r["prompt_len"] and r["server_timings_ms"] is None
         assert r["ttft_ms"] <= r["e2e_ms"]
+
+
+def test_bench_openai_backend_timeout_bounds_the_whole_request(base, served):
+    """Tokens keep coming (no single read waits 1 s), yet the request ends at its 1 s deadline."""
+    async def run() -> tuple[str, int, float]:
+        async with OpenAIClient(f"{base}/v1", model="default_model") as c:
+            start, got = time.monotonic(), 0
+            with pytest.raises(OpenAIError) as e:
+                async for _ in c.stream([1, 450, 7], timeout=1.0, max_tokens=480, ignore_eos=True):
+                    got += 1
+            return e.value.code, got, time.monotonic() - start
+
+    code, got, took = asyncio.run(run())
+    assert code == "DEADLINE_EXCEEDED" and got > 1 and took < 2.5
+    served.wait_all_free()  # closing the connection aborted the request
