@@ -17,6 +17,8 @@ import httpx
 import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.reflection_pb2 import ServerReflectionRequest
+from grpc_reflection.v1alpha.reflection_pb2_grpc import ServerReflectionStub
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 from transformers import AutoTokenizer
@@ -90,9 +92,9 @@ def greedy(n: int, **kw) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=0.0, **kw)
 
 
-def scrape(base: str) -> dict[tuple[str, tuple], float]:
+def scrape(base: str, verify: ssl.SSLContext | bool = True) -> dict[tuple[str, tuple], float]:
     """Every sample of /metrics, parsed with prometheus_client's own parser."""
-    text = httpx.get(f"{base}/metrics").text
+    text = httpx.get(f"{base}/metrics", verify=verify).text
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for fam in text_string_to_metric_families(text) for s in fam.samples}
 
@@ -293,6 +295,22 @@ def test_bad_input_gets_its_status_and_message(base, path, body, status, message
     assert err["type"] == "invalid_request_error" and err["code"] == ("model_not_found" if status == 404 else None)
 
 
+def test_cached_tokens_are_the_prompts_whole_cached_blocks(oai, served):
+    """The same prompt twice: the second reuses every whole block of the prompt (the last token is always
+    computed), in completions and chat usage alike."""
+    block = served.loads()[0].block_size
+    prompt = [1] + [(7 * i + 11) % 4000 + 3 for i in range(2 * block + 9)]  # seen by no other test
+    first, again = (oai.completions.create(model="default_model", prompt=prompt, max_tokens=2) for _ in range(2))
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == 2 * block
+    messages = [{"role": "user", "content": "Explain what a context manager does, in one short sentence here."}]
+    n = len(hf_chat_ids(messages))
+    assert n % block and n > block  # some whole blocks, and a partial one that is never cached
+    for _ in range(2):
+        c = oai.chat.completions.create(model="default_model", messages=messages, max_tokens=2)
+    assert c.usage.prompt_tokens == n and c.usage.prompt_tokens_details.cached_tokens == (n // block) * block
+
+
 def test_not_json_and_unknown_route(base):
     r = httpx.post(f"{base}/v1/completions", content=b"{nope", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
@@ -353,8 +371,7 @@ def test_models_health_and_metrics_counters(base, served):
     after = scrape(base)
 
     def moved(name: str, **labels) -> float:
-        key = (name, tuple(sorted(labels.items())))
-        return after.get(key, 0) - before.get(key, 0)
+        return moved_since(before, after, name, **labels)
 
     assert moved("kvrelay:request_success_total", finished_reason="length") == 2
     assert moved("kvrelay:request_errors_total", status="INVALID_ARGUMENT") == 1
@@ -388,10 +405,14 @@ def test_api_key_and_tls_on_both_protocols(served, tls_files, llm):
     try:
         https = f"https://127.0.0.1:{secure.http_port}"
         ctx = ssl.create_default_context(cafile=cert)
-        before = scrape_tls(https, ctx)
+        before = scrape(https, ctx)
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
             r = httpx.post(f"{https}/v1/completions", json={"prompt": "x"}, headers=headers, verify=ctx)
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        after_401 = scrape(https, ctx)
+        for name in ("kvrelay:prompt_tokens_total", "kvrelay:prefix_cache_queries_total",
+                     "kvrelay:generation_tokens_total", "kvrelay:e2e_request_latency_seconds_count"):
+            assert moved_since(before, after_401, name) == 0, name  # a refused request did no work
         assert httpx.get(f"{https}/health", verify=ctx).status_code == 200  # no key needed
         (ref,) = llm.generate(["Return a list of"], greedy(8))
         with openai.OpenAI(base_url=f"{https}/v1", api_key=KEY, max_retries=0,
@@ -415,18 +436,22 @@ def test_api_key_and_tls_on_both_protocols(served, tls_files, llm):
         with pytest.raises(KvrelayError):  # plaintext to a TLS port fails
             with Client(target, timeout=5, api_key=KEY) as c:
                 c.model_info()
-        after = scrape_tls(https, ctx)
-        refused = after.get(("kvrelay:request_errors_total", (("status", "UNAUTHENTICATED"),)), 0) - \
-            before.get(("kvrelay:request_errors_total", (("status", "UNAUTHENTICATED"),)), 0)
-        assert refused == 6  # 3 HTTP completions, 1 HTTP models list, 2 gRPC calls: nothing reached a worker
+        for api_key in (None, "wrong"):  # server reflection is not open: it needs the key too
+            with grpc.secure_channel(target, creds) as ch, pytest.raises(grpc.RpcError) as e:
+                list(ServerReflectionStub(ch).ServerReflectionInfo(
+                    iter([ServerReflectionRequest(list_services="")]), timeout=10,
+                    metadata=(("authorization", f"Bearer {api_key}"),) if api_key else None))
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with grpc.secure_channel(target, creds) as ch:
+            (listed,) = ServerReflectionStub(ch).ServerReflectionInfo(
+                iter([ServerReflectionRequest(list_services="")]), timeout=10,
+                metadata=(("authorization", f"Bearer {KEY}"),))
+            assert "kvrelay.v1.Generation" in {svc.name for svc in listed.list_services_response.service}
+        after = scrape(https, ctx)
+        # 3 HTTP completions, 1 HTTP models list, 2 gRPC calls, 2 reflection calls
+        assert moved_since(before, after, "kvrelay:request_errors_total", status="UNAUTHENTICATED") == 8
     finally:
         stop_router(served, secure)
-
-
-def scrape_tls(base: str, ctx: ssl.SSLContext) -> dict:
-    text = httpx.get(f"{base}/metrics", verify=ctx).text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
 def test_bench_openai_backend_against_the_http_front(base, tmp_path):
