@@ -12,8 +12,8 @@ from fastapi.responses import Response
 from router.http.chat_template import chat_prompt_ids
 from router.http.formats import ChatFormat
 from router.http.frontend import Frontend
-from router.http.params import bad, check_model, check_supported, sampling
-from router.http.respond import admit_choices, respond
+from router.http.params import bad, check_model, check_supported
+from router.http.respond import answer
 from router.http.schemas import ChatCompletionRequest
 
 
@@ -58,7 +58,5 @@ async def create_chat_completion(front: Frontend, request: Request) -> Response:
     limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     # No limit given: whatever room the context leaves (OpenAI's chat default).
     max_tokens = limit if limit is not None else max(1, front.intake.limits.max_model_len - len(ids))
-    specs = await admit_choices(front.intake, [ids], req.n, lambda p, j: sampling(req, max_tokens, j), chat=True)
-    fmt = ChatFormat(front.texts, req.logprobs, [s.prompt_ids[-1] for s in specs])
-    return await respond(request, front.intake, specs, fmt, front.model_name, req.n, req.stream,
-                         bool(req.stream_options and req.stream_options.include_usage))
+    return await answer(front, request, req, [ids], max_tokens,
+                        lambda context: ChatFormat(front.texts, req.logprobs, context))

@@ -7,8 +7,8 @@ from fastapi.responses import Response
 
 from router.http.formats import CompletionFormat
 from router.http.frontend import Frontend
-from router.http.params import bad, check_model, check_supported, sampling
-from router.http.respond import admit_choices, respond
+from router.http.params import bad, check_model, check_supported
+from router.http.respond import answer
 from router.http.schemas import CompletionRequest
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
@@ -29,8 +29,5 @@ async def create_completion(front: Frontend, request: Request) -> Response:
     check_supported(req)
     prompts = prompts_of(req)
     max_tokens = req.max_tokens if req.max_tokens is not None else DEFAULT_MAX_TOKENS
-    specs = await admit_choices(front.intake, prompts, req.n, lambda p, j: sampling(req, max_tokens, j),
-                                chat=False)
-    fmt = CompletionFormat(front.texts, req.logprobs is not None, [s.prompt_ids[-1] for s in specs])
-    return await respond(request, front.intake, specs, fmt, front.model_name, req.n, req.stream,
-                         bool(req.stream_options and req.stream_options.include_usage))
+    return await answer(front, request, req, prompts, max_tokens,
+                        lambda context: CompletionFormat(front.texts, req.logprobs is not None, context))

@@ -22,7 +22,9 @@ from router.http import sse
 from router.http.choices import Fanout
 from router.http.errors import error_event, error_response
 from router.http.formats import Format, UsageTally
-from router.http.params import param_of
+from router.http.frontend import Frontend
+from router.http.params import param_of, sampling
+from router.http.schemas import ChatCompletionRequest, CompletionRequest
 from router.intake import Intake
 from router.requests import RequestSpec
 
@@ -92,6 +94,18 @@ async def admit_choices(intake: Intake, prompts: list[str | list[int]], n: int, 
             e.param = param_of(e.message, chat)
         raise
     return specs
+
+
+async def answer(front: Frontend, request: Request, req: CompletionRequest | ChatCompletionRequest,
+                 prompts: list[str | list[int]], max_tokens: int,
+                 make_format: Callable[[list[int]], Format]) -> Response:
+    """The end both routes share: admit n choices of each prompt, then respond. `make_format(context)` gets each
+    choice's last prompt token (logprob texts are decoded after it)."""
+    chat = isinstance(req, ChatCompletionRequest)
+    specs = await admit_choices(front.intake, prompts, req.n, lambda p, j: sampling(req, max_tokens, j), chat=chat)
+    fmt = make_format([s.prompt_ids[-1] for s in specs])
+    return await respond(request, front.intake, specs, fmt, front.model_name, req.n, req.stream,
+                         bool(req.stream_options and req.stream_options.include_usage))
 
 
 async def respond(request: Request, intake: Intake, specs: list[RequestSpec], fmt: Format, model: str, n: int,
