@@ -12,6 +12,7 @@ from engine.engine_loop import EngineDead, EngineLoop
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.scheduler import RemoteReservation
 from protos import checks, codec
 from protos import worker_pb2 as wpb
 from protos import worker_pb2_grpc as wpb_grpc
@@ -73,24 +74,25 @@ class DecodeService(wpb_grpc.DecodeGroupServicer):
                                 f"from prefill worker {peer[:64]!r} of {peer_tp} rank(s): Listen first")
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
 
-        def reserve(eng: LLMEngine) -> tuple[list[int] | None, int]:
-            blocks = eng.reserve_remote_prefill(rid, prompt, params, peer, peer_tp, timeout_s=timeout_s)
-            if blocks is not None:
+        def reserve(eng: LLMEngine) -> tuple[RemoteReservation | None, int]:
+            reservation = eng.reserve_remote_prefill(rid, prompt, params, peer, peer_tp, timeout_s=timeout_s)
+            if reservation is not None:
                 self.loop.subscribe(rid, outputs.put_nowait)  # runs on this server's loop (deliver_on)
-            return blocks, eng.num_free_blocks
+            return reservation, eng.num_free_blocks
 
         try:
-            blocks, free = await self.loop.astart(rid, reserve)
+            reservation, free = await self.loop.astart(rid, reserve)
         except EngineDead as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"decode group {self.name}: {codec.one_line(e)}")
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except Exception as e:  # e.g. a rank could not register the transfer
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"decode group {self.name}: {codec.one_line(e)}")
-        if blocks is None:
+        if reservation is None:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"decode group {self.name} has no free KV blocks or seats now ({free} blocks free)")
-        reserved = wpb.DecodeEvent(reserved=wpb.Reserved(num_blocks=len(blocks), free_blocks=free))
+        reserved = wpb.DecodeEvent(reserved=wpb.Reserved(num_blocks=len(reservation.block_ids), free_blocks=free,
+                                                         num_cached_blocks=reservation.num_cached_blocks))
         async for ev in self._relay(rid, outputs, first=reserved):
             yield ev
 

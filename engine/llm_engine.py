@@ -22,7 +22,7 @@ from engine.output_processor import OutputState
 from engine.outputs import Logprob, RequestOutput
 from engine.remote_prefill import RemotePrefills
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import RemoteReservation, Scheduler
 from engine.sequence import Sequence
 from engine.tokenizer import Tokenizer
 
@@ -88,7 +88,8 @@ class LLMEngine:
 
         With `transfer` (e.g. {"peer": decode group}), this engine only prefills: the worker extension sends the
         prompt's KV as it is computed, and the request ends at its first token with finish_reason "prefilled"
-        (or "abort" with `error` if the transfer failed).
+        (or "abort" with `error` if the transfer failed). `transfer["skip_blocks"]` leading blocks of the prompt
+        are not sent (the decode group holds them already).
         """
         if params.stop and self._out_tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this checkpoint has none (use stop_token_ids)"
@@ -101,16 +102,17 @@ class LLMEngine:
 
     # ---- disaggregation: decode side ---------------------------------------------------------------------
     def reserve_remote_prefill(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                               peer: str, prefill_tp: int, timeout_s: float = 30.0) -> list[int] | None:
-        """Reserve blocks for a prompt that prefill worker `peer` will compute and send; returns the block ids to
-        send into, or None when there is no room now (try later or elsewhere). Every rank expects the transfer
-        before this returns, so the prefill side may start sending at once."""
+                               peer: str, prefill_tp: int, timeout_s: float = 30.0) -> RemoteReservation | None:
+        """Reserve blocks for a prompt that prefill worker `peer` will compute and send, sharing the prefix this
+        engine's cache already holds; returns the reservation (the prefill side sends the prompt's blocks after
+        `num_cached_blocks` into `missing_blocks`), or None when there is no room now (try later or elsewhere).
+        Every rank expects the transfer before this returns, so the prefill side may start sending at once."""
         seq = Sequence(request_id, self.tokenize(prompt), params, arrival=next(self._arrivals))
-        blocks = self.scheduler.reserve_remote(seq)
-        if blocks is None:
+        reservation = self.scheduler.reserve_remote(seq)
+        if reservation is None:
             return None
         try:
-            self.executor.call_extension("expect", request_id, blocks, peer, prefill_tp)
+            self.executor.call_extension("expect", request_id, reservation.missing_blocks, peer, prefill_tp)
         except Exception:
             try:  # ranks where it did register must forget it before the blocks are reused
                 self.executor.call_extension("cancel", [request_id])
@@ -119,7 +121,7 @@ class LLMEngine:
             raise
         self._states[request_id] = _RequestState(seq, self._out_tokenizer)
         self._remote.add(request_id, timeout_s)
-        return blocks
+        return reservation
 
     def call_extension(self, method: str, *args) -> list:
         """Call a worker-extension method on every rank (e.g. KV channel setup); results in rank order."""

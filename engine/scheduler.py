@@ -20,11 +20,27 @@ from __future__ import annotations
 import random
 from collections import deque
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from engine.config import CacheConfig, SchedulerConfig
 from engine.kv_cache.block_manager import BlockManager, cdiv
 from engine.scheduler_output import NewRequest, SchedulerOutput
 from engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class RemoteReservation:
+    """Blocks reserved for a prompt prefilled elsewhere: `block_ids` covers the whole prompt; its first
+    `num_cached_blocks` already hold the prompt's KV here (shared from the prefix cache) and are not sent."""
+
+    block_ids: list[int]
+    num_cached_blocks: int
+
+    @property
+    def missing_blocks(self) -> list[int]:
+        """Where the prefill worker's KV goes: the blocks after the shared prefix."""
+        return self.block_ids[self.num_cached_blocks:]
+
 
 # A persistent batch has twice the seats: requests that finished while a step computing them is in flight keep
 # their slot until it is collected, while new requests already take seats.
@@ -83,22 +99,29 @@ class Scheduler:
         return len(self._inflight)
 
     # ---- remote prefill (decode side) ---------------------------------------------------------------------
-    def reserve_remote(self, seq: Sequence) -> list[int] | None:
-        """Reserve blocks for a prompt another worker will prefill; None when blocks or seats are short now."""
+    def reserve_remote(self, seq: Sequence) -> RemoteReservation | None:
+        """Reserve blocks for a prompt another worker will prefill; None when blocks or seats are short now.
+
+        The longest prefix this pool's cache holds is shared, exactly as a local prefix hit: only the blocks after
+        it need the prefill worker's KV."""
         self._check_new(seq)
         if len(self.running) + len(self.remote) >= self.config.max_num_seqs:
             return None
+        prefix = self.blocks.find_cached_prefix(seq)
+        n = seq.num_prompt_tokens - len(prefix) * self.block_size
         # Local work waiting (new or preempted) goes first, and running requests keep a block each to grow into:
         # remote reservations must not starve them or force preemptions on the next step.
-        if self.waiting or cdiv(seq.num_prompt_tokens, self.block_size) + len(self.running) > \
-                self.blocks.num_free_blocks:
+        taken = cdiv(n, self.block_size) + sum(1 for b in prefix if self.blocks.pool.ref_cnt[b] == 0)
+        if self.waiting or taken + len(self.running) > self.blocks.num_free_blocks:
             return None
-        if not self.blocks.allocate(seq, seq.num_prompt_tokens):
+        if not self.blocks.allocate(seq, n, prefix):
             return None
         seq.admitted = True
+        seq.num_cached_tokens = len(prefix) * self.block_size
+        self.blocks.record_prefix_query(seq.num_prompt_tokens, seq.num_cached_tokens)
         self.seqs[seq.request_id] = seq
         self.remote[seq.request_id] = seq
-        return list(seq.block_table)
+        return RemoteReservation(list(seq.block_table), len(prefix))
 
     def admit_remote(self, request_id: str, first_token: int) -> Sequence:
         """The prompt's KV has landed and its first token is known: decode it from the next step."""

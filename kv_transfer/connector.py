@@ -95,6 +95,8 @@ class KVConnector:
         self.step_sends: list[tuple[str, torch.Tensor, list[tuple[int, str, torch.Tensor]]]] = []
         self.connecting: dict[str, _PendingConnect] = {}  # ticket -> a connect whose channels are forming
         self.closed = False
+        self.bytes_sent = 0  # KV payload bytes, headers excluded (what `stats` reports)
+        self.bytes_received = 0
 
     # ================= receiver role =================
     def listen(self, peer: str, prefill_tp: int) -> dict[int, tuple[str, int]]:
@@ -208,6 +210,7 @@ class KVConnector:
         works = [ch.recv(b) for b in bufs]
         for layer, (buf, work) in enumerate(zip(bufs, works)):
             ch.finish(work)
+            self.bytes_received += buf.numel() * buf.element_size()
             bufs[layer] = None  # type: ignore[call-overload]  # release staging as soon as it is scattered
             with self.lock:
                 for e, key, o, nb in targets:
@@ -316,7 +319,8 @@ class KVConnector:
         for row, (transfer, table) in out.transfers.items():
             nb = -(-(out.starts[row] + out.num_tokens[row]) // bs)
             rid = out.request_ids[row]
-            src = torch.tensor(table[:nb], dtype=torch.int64, device=self.device)
+            skip = int(transfer.get("skip_blocks", 0))  # the receiver's prefix cache holds these
+            src = torch.tensor(table[skip:nb], dtype=torch.int64, device=self.device)
             by_peer.setdefault(transfer["peer"], []).append((transfer_key(rid), rid, src))
         self.step_sends = []
         for peer, items in by_peer.items():
@@ -339,7 +343,13 @@ class KVConnector:
             blocks = self.kv[:, layer, src]  # [2, total, block_size, local heads, head_dim], gathered once
             for ch in chans.values():
                 parts = [blocks[:, :, :, s.src_start:s.src_start + s.num] for s in ch.slices]
-                ch.send((parts[0] if len(parts) == 1 else torch.cat(parts, dim=3)).contiguous())
+                data = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=3)).contiguous()
+                ch.send(data)
+                self.bytes_sent += data.numel() * data.element_size()
+
+    def stats(self) -> dict[str, int]:
+        """KV payload bytes this rank sent and received so far."""
+        return {"bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received}
 
     def end_step(self, out: Any) -> dict[str, Any]:
         """Wait for this step's sends; returns {"sent": [ids], "failed": {id: error}} and, on a rank that receives,

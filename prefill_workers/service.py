@@ -45,7 +45,13 @@ class PrefillService(wpb_grpc.PrefillWorkerServicer):
             # Not the caller's input alone: the pair may need (re-)wiring, so a router retries elsewhere.
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"prefill worker {self.name} has no KV channels "
                                 f"to decode group {request.decode_group[:64]!r}: Connect first")
-        transfer = {"peer": request.decode_group} if request.decode_group else None
+        block_size = self.loop.engine.config.cache.block_size
+        if request.skip_blocks and request.skip_blocks * block_size >= len(prompt):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"skip_blocks {request.skip_blocks} leaves nothing of a {len(prompt)}-token prompt "
+                                f"to send (blocks of {block_size} tokens)")
+        transfer = ({"peer": request.decode_group, "skip_blocks": request.skip_blocks} if request.decode_group
+                    else None)
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
 
         def add(eng: LLMEngine) -> None:

@@ -61,6 +61,7 @@ class _Placement:
     stream: DecodeStream
     events: AsyncIterator[Reserved | Tokens | Finished]
     prefill_start: float = 0.0  # time.monotonic() when the prompt went to the prefill worker
+    skip_blocks: int = 0  # leading prompt blocks the decode group holds already: the prefill worker skips them
 
 
 class Orchestrator:
@@ -97,40 +98,56 @@ class Orchestrator:
         p = self._pick_prefill(hashes, len(spec.prompt_ids))
         if p is None:
             return None
-        ranked = self.policy.rank_decode([w.view for w in self.pool.decode])
+        cached = {w.name: w.index.match(hashes) for w in self.pool.decode if w.index is not None}
+        ranked = self.policy.rank_decode([w.view for w in self.pool.decode], cached)
         if not ranked:
             errors = "; ".join(w.error for w in self.pool.decode if w.error)
             raise RequestError(UNAVAILABLE, f"no healthy decode group ({errors})")
+        need = -(-len(spec.prompt_ids) // self.block_size)
         for view in ranked:
             d = next(w for w in self.pool.decode if w.view is view)
             assert isinstance(d.client, DecodeClient)
-            stream = d.client.decode(rid, spec.prompt_ids, spec.params, p.name, p.spec.tensor_parallel_size,
-                                     self.config.transfer_timeout_s)
-            events = stream.__aiter__()
+            # Counted the moment it is chosen, so that concurrent placements see it (a burst spreads over groups);
+            # the group's answer then says how many blocks it really has left.
+            d.view.inflight += 1
+            d.view.free_blocks -= need
+            placed, exhausted = False, False
             try:
-                first = await asyncio.wait_for(events.__anext__(), RESERVE_TIMEOUT_S)
-            except asyncio.TimeoutError:
+                stream = d.client.decode(rid, spec.prompt_ids, spec.params, p.name, p.spec.tensor_parallel_size,
+                                         self.config.transfer_timeout_s)
+                events = stream.__aiter__()
+                try:
+                    first = await asyncio.wait_for(events.__anext__(), RESERVE_TIMEOUT_S)
+                except asyncio.TimeoutError:
+                    stream.cancel()
+                    self.pool.mark_unhealthy(d, f"decode group {d.name} did not answer a reservation within "
+                                                f"{RESERVE_TIMEOUT_S:.0f} s")
+                    continue
+                except WorkerError as e:
+                    if e.code == RESOURCE_EXHAUSTED:
+                        exhausted = True
+                        continue
+                    if e.code == INVALID_ARGUMENT:
+                        raise RequestError(INVALID_ARGUMENT, e.details) from None
+                    if e.code == FAILED_PRECONDITION:  # alive, but not wired to this prefill worker: try another
+                        log.warning("request %s: %s", rid, e.details)
+                        continue
+                    self.pool.mark_unhealthy(d, f"decode group {d.name}: {e.details}")
+                    continue
+                except StopAsyncIteration:
+                    continue
+                if isinstance(first, Reserved):
+                    d.view.free_blocks = first.free_blocks
+                    if d.index is not None:  # the group will hold the prompt's full blocks once they land
+                        d.index.insert(hashes)
+                    placed = True
+                    return _Placement(rid, p, d, stream, events, skip_blocks=first.num_cached_blocks)
                 stream.cancel()
-                self.pool.mark_unhealthy(d, f"decode group {d.name} did not answer a reservation within "
-                                            f"{RESERVE_TIMEOUT_S:.0f} s")
-                continue
-            except WorkerError as e:
-                if e.code == RESOURCE_EXHAUSTED:
-                    d.view.free_blocks = 0  # until the next poll says otherwise
-                    continue
-                if e.code == INVALID_ARGUMENT:
-                    raise RequestError(INVALID_ARGUMENT, e.details) from None
-                if e.code == FAILED_PRECONDITION:  # alive, but not wired to this prefill worker: try another
-                    log.warning("request %s: %s", rid, e.details)
-                    continue
-                self.pool.mark_unhealthy(d, f"decode group {d.name}: {e.details}")
-                continue
-            except StopAsyncIteration:
-                continue
-            if isinstance(first, Reserved):
-                d.view.free_blocks = first.free_blocks
-                return _Placement(rid, p, d, stream, events)
-            stream.cancel()
+            finally:
+                if not placed:
+                    d.view.inflight -= 1
+                    # full: no room until the next poll says otherwise; else the estimate is given back
+                    d.view.free_blocks = 0 if exhausted else d.view.free_blocks + need
         return None
 
     # ---- one request --------------------------------------------------------------------------------------
@@ -255,10 +272,10 @@ class Orchestrator:
             placement, waited = await self.room.acquire(lambda: self._reserve(arid, spec, hashes),  # noqa: B023
                                                         self.config.queue_timeout_s)
             queued += waited
-            placement.decode.view.inflight += 1
             placement.prefill_start = time.monotonic()
             try:
-                outcome = await self._prefill(placement.prefill, arid, spec, hashes, placement.decode.name)
+                outcome = await self._prefill(placement.prefill, arid, spec, hashes, placement.decode.name,
+                                              placement.skip_blocks)
                 return placement, outcome, queued
             except BaseException as e:
                 placement.stream.cancel()  # frees the reservation on the decode group
@@ -274,13 +291,13 @@ class Orchestrator:
         raise AssertionError("unreachable")
 
     async def _prefill(self, p: Worker, rid: str, spec: RequestSpec, hashes: list[int],
-                       decode_group: str) -> PrefillOutcome:
+                       decode_group: str, skip_blocks: int = 0) -> PrefillOutcome:
         assert isinstance(p.client, PrefillClient) and p.index is not None
         p.index.insert(hashes)
         p.view.inflight += 1
         p.view.inflight_tokens += len(spec.prompt_ids)
         try:
-            return await p.client.prefill(rid, spec.prompt_ids, spec.params, decode_group)
+            return await p.client.prefill(rid, spec.prompt_ids, spec.params, decode_group, skip_blocks)
         except WorkerError as e:
             if e.code == INVALID_ARGUMENT:
                 raise RequestError(INVALID_ARGUMENT, e.details) from None

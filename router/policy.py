@@ -3,7 +3,8 @@
 Prefill: with "cache_aware", the worker holding the longest cached prefix of the prompt, ties (and misses) broken
 by load; but when that worker is `balance_abs_threshold` requests busier than the least loaded one, the least
 loaded wins (a popular prefix must not pile all traffic on one worker). "least_loaded" and "round_robin" ignore
-the cache. Decode: groups with the most free KV blocks first, then the least loaded.
+the cache. Decode: with "cache_aware", groups holding the longest prefix of the prompt first (the same balance
+guard), then the most free KV blocks, then the least loaded; the other policies ignore the decode-side cache.
 """
 
 from __future__ import annotations
@@ -52,7 +53,18 @@ class RoutingPolicy:
             return least
         return best
 
-    @staticmethod
-    def rank_decode(groups: list[WorkerView]) -> list[WorkerView]:
-        """Healthy decode groups, most free KV blocks first, then least loaded."""
-        return sorted((g for g in groups if g.healthy), key=lambda g: (-g.free_blocks, g.load, g.name))
+    def rank_decode(self, groups: list[WorkerView], cached_blocks: dict[str, int] | None = None) -> list[WorkerView]:
+        """Healthy decode groups in the order to try them: the longest cached prefix first (`cached_blocks[name]`,
+        in blocks; not for a group `balance_abs_threshold` requests busier than the least loaded), then the most
+        free KV blocks, then the least loaded."""
+        healthy = [g for g in groups if g.healthy]
+        if not healthy:
+            return []
+        least = min(g.load for g in healthy)
+        cached = cached_blocks if cached_blocks is not None and self.name == "cache_aware" else {}
+
+        def key(g: WorkerView) -> tuple:
+            held = cached.get(g.name, 0) if g.load - least < self.threshold else 0
+            return -held, -g.free_blocks, g.load, g.name
+
+        return sorted(healthy, key=key)

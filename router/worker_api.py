@@ -46,6 +46,7 @@ class PrefillOutcome:
 class Reserved:
     num_blocks: int
     free_blocks: int
+    num_cached_blocks: int = 0  # leading prompt blocks the group's prefix cache holds: not sent
 
 
 @dataclass
@@ -108,10 +109,13 @@ class PrefillClient(_Client):
         super().__init__(address, secret)
         self.stub = wpb_grpc.PrefillWorkerStub(self.channel)
 
-    async def prefill(self, request_id: str, prompt: list[int], params: Any, decode_group: str) -> PrefillOutcome:
-        """Cancelling the awaiting task cancels the call, which aborts the request on the worker."""
+    async def prefill(self, request_id: str, prompt: list[int], params: Any, decode_group: str,
+                      skip_blocks: int = 0) -> PrefillOutcome:
+        """Cancelling the awaiting task cancels the call, which aborts the request on the worker. `skip_blocks`:
+        leading prompt blocks the decode group holds already (not sent)."""
         req = wpb.PrefillRequest(request_id=request_id, prompt_token_ids=prompt,
-                                 sampling=codec.sampling_message(params, drop_stop=True), decode_group=decode_group)
+                                 sampling=codec.sampling_message(params, drop_stop=True), decode_group=decode_group,
+                                 skip_blocks=skip_blocks)
         try:
             r = await self.stub.Prefill(req, metadata=self.md)
         except grpc.RpcError as e:
@@ -146,7 +150,7 @@ class DecodeStream:
             async for ev in self._call:
                 kind = ev.WhichOneof("kind")
                 if kind == "reserved":
-                    yield Reserved(ev.reserved.num_blocks, ev.reserved.free_blocks)
+                    yield Reserved(ev.reserved.num_blocks, ev.reserved.free_blocks, ev.reserved.num_cached_blocks)
                 elif kind == "tokens":
                     t = ev.tokens
                     yield Tokens(t.start_index, list(t.token_ids), [codec.logprob_fields(x) for x in t.logprobs])

@@ -42,8 +42,10 @@ def disaggregated_generate(prefill: LLMEngine, decode: LLMEngine, prompts: list[
     p_tp = prefill.config.parallel.tensor_parallel_size
     ids = [f"req{i}" for i in range(len(prompts))]
     for rid, prompt in zip(ids, prompts):
-        assert decode.reserve_remote_prefill(rid, prompt, params, prefill_name, p_tp) is not None
-        prefill.add_request(rid, prompt, params, transfer={"peer": decode_name})
+        reservation = decode.reserve_remote_prefill(rid, prompt, params, prefill_name, p_tp)
+        assert reservation is not None
+        prefill.add_request(rid, prompt, params,
+                            transfer={"peer": decode_name, "skip_blocks": reservation.num_cached_blocks})
     firsts = run_until_done(prefill, set(ids))
     for rid, o in firsts.items():
         assert o.finish_reason == "prefilled" and o.error is None, (o.finish_reason, o.error)

@@ -61,8 +61,8 @@ def test_prefill_tp2_to_decode_tp1_gathers_heads(llama_dir, reference):
 def test_transfer_deadline_frees_blocks(llama_dir):
     d = engine(llama_dir, num_blocks=32)
     d.call_extension("listen", "silent", 1)
-    blocks = d.reserve_remote_prefill("r", prompts(1)[0] * 8, GREEDY, "silent", 1, timeout_s=0.5)
-    assert blocks and d.num_free_blocks == 32 - len(blocks)
+    reservation = d.reserve_remote_prefill("r", prompts(1)[0] * 8, GREEDY, "silent", 1, timeout_s=0.5)
+    assert reservation and d.num_free_blocks == 32 - len(reservation.block_ids)
     time.sleep(0.7)
     (out,) = d.step()
     assert out.finished and out.finish_reason == "abort" and "deadline" in out.error
@@ -134,6 +134,35 @@ def test_idle_channel_lives_on_keepalives(llama_dir, reference, keepalive):
             outs = disaggregated_generate(p, d, prompts(2), GREEDY, prefill_name="pk", decode_name="dk")
             assert [outs[f"req{i}"].token_ids for i in range(2)] == reference[:2]
         assert d.num_free_blocks == 32 and p.num_free_blocks == 32
+    finally:
+        p.shutdown()
+        d.shutdown()
+
+
+@pytest.mark.parametrize("decode_tp", [1, 2])
+def test_decode_group_shares_its_prefix_and_receives_only_missing_blocks(llama_dir, decode_tp):
+    rng = random.Random(5)
+    shared = [rng.randrange(3, 384) for _ in range(64)]  # 4 full blocks of 16
+    a, b = shared + [rng.randrange(3, 384) for _ in range(10)], shared + [rng.randrange(3, 384) for _ in range(9)]
+    ref = [o.token_ids for o in LLM(llama_dir).generate([a, b], GREEDY)]
+    p, d = engine(llama_dir, num_blocks=64), engine(llama_dir, tp=decode_tp, num_blocks=64)
+    try:
+        wire(p, "p0", d, "d0")
+        assert disaggregated_generate(p, d, [a], GREEDY)["req0"].token_ids == ref[0]
+        before = p.call_extension("stats")[0]["bytes_sent"]
+        received = [s["bytes_received"] for s in d.call_extension("stats")]
+        r = d.reserve_remote_prefill("b", b, GREEDY, "p0", 1)
+        assert r.num_cached_blocks == 4 and len(r.block_ids) == 5  # 73 tokens: 4 shared blocks + 1 sent
+        p.add_request("b", b, GREEDY, transfer={"peer": "d0", "skip_blocks": r.num_cached_blocks})
+        first = run_until_done(p, {"b"})["b"]
+        d.set_first_token("b", first.token_ids[0])
+        out = run_until_done(d, {"b"})["b"]
+        assert out.token_ids == ref[1]
+        block_bytes = p.executor.runner.kv_block_bytes  # one block, every layer, K and V, all KV heads
+        assert p.call_extension("stats")[0]["bytes_sent"] - before == block_bytes
+        got = [s["bytes_received"] - r0 for s, r0 in zip(d.call_extension("stats"), received)]
+        assert sum(got) == block_bytes and len(set(got)) == 1  # each decode rank receives only its heads
+        assert d.num_free_blocks == 64 and p.num_free_blocks == 64
     finally:
         p.shutdown()
         d.shutdown()

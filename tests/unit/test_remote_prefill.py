@@ -3,7 +3,7 @@
 from engine.config import CacheConfig, SchedulerConfig
 from engine.remote_prefill import RemotePrefills
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import RemoteReservation, Scheduler
 from engine.sequence import Sequence
 
 
@@ -37,7 +37,7 @@ def test_reservations_hold_blocks_and_seats():
     s = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=64, max_model_len=64),
                   CacheConfig(block_size=4), num_blocks=8)
     p = SamplingParams(max_tokens=3, ignore_eos=True)
-    assert s.reserve_remote(Sequence("r", list(range(10, 19)), p)) == [0, 1, 2]
+    assert s.reserve_remote(Sequence("r", list(range(10, 19)), p)) == RemoteReservation([0, 1, 2], 0)
     s.add(Sequence("w1", [5, 6], p))
     s.add(Sequence("w2", [7, 8], p))
     out = s.schedule()
@@ -65,4 +65,24 @@ def test_reservations_yield_to_waiting_work_and_leave_growth_room():
     assert s.reserve_remote(Sequence("r", [9] * 5, p)) is None  # local requests are waiting
     s.schedule()  # a and b run: 2 blocks used, 4 free
     assert s.reserve_remote(Sequence("r", [9] * 9, p)) is None  # 3 blocks + 2 growth blocks > 4
-    assert s.reserve_remote(Sequence("r", [9] * 8, p)) == [2, 3]  # 2 blocks + 2 growth blocks fit
+    assert s.reserve_remote(Sequence("r", [9] * 8, p)).block_ids == [2, 3]  # 2 blocks + 2 growth blocks fit
+
+
+def test_reservation_shares_the_prefix_this_pool_holds():
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64),
+                  CacheConfig(block_size=4), num_blocks=12)
+    p = SamplingParams(max_tokens=2, ignore_eos=True)
+    first = s.reserve_remote(Sequence("a", list(range(10, 21)), p))  # 11 tokens: blocks 0, 1, 2
+    assert first == RemoteReservation([0, 1, 2], 0) and first.missing_blocks == [0, 1, 2]
+    s.admit_remote("a", 7)  # landed: its two full blocks enter the prefix cache
+    # Same first 8 tokens: blocks 0 and 1 are shared (ref count 2), only the third block is reserved and sent.
+    second = s.reserve_remote(Sequence("b", list(range(10, 18)) + [50, 51, 52, 53, 54], p))
+    assert second == RemoteReservation([0, 1, 3, 4], 2) and second.missing_blocks == [3, 4]
+    assert s.blocks.pool.ref_cnt[:5] == [2, 2, 1, 1, 1] and s.seqs["b"].num_cached_tokens == 8
+    assert (s.blocks.prefix_queries, s.blocks.prefix_hits) == (24, 8)
+    s.finish("a", "abort")
+    s.finish("b", "abort")
+    assert s.blocks.num_free_blocks == 12
+    # Freed, the prefix stays cached: a third request sharing it takes blocks 0, 1 back from the free queue.
+    third = s.reserve_remote(Sequence("c", list(range(10, 18)) + [9], p))
+    assert third.num_cached_blocks == 2 and third.block_ids[:2] == [0, 1]

@@ -67,7 +67,17 @@ def test_least_loaded_and_round_robin_ignore_the_cache():
 def test_decode_groups_ranked_by_free_blocks_then_load():
     gs = [WorkerView("x", free_blocks=10, inflight=5), WorkerView("y", free_blocks=30, inflight=9),
           WorkerView("z", free_blocks=10, inflight=1), WorkerView("dead", free_blocks=99, healthy=False)]
-    assert [g.name for g in RoutingPolicy.rank_decode(gs)] == ["y", "z", "x"]
+    assert [g.name for g in RoutingPolicy().rank_decode(gs)] == ["y", "z", "x"]
+
+
+def test_decode_groups_holding_the_prefix_go_first_unless_much_busier():
+    gs = [WorkerView("x", free_blocks=10, inflight=2), WorkerView("y", free_blocks=30, inflight=0),
+          WorkerView("z", free_blocks=20, inflight=1)]
+    policy = RoutingPolicy("cache_aware", balance_abs_threshold=3)
+    assert [g.name for g in policy.rank_decode(gs, {"x": 4, "z": 2})] == ["x", "z", "y"]
+    gs[0].inflight = 3  # 3 busier than y: its cache no longer counts
+    assert [g.name for g in policy.rank_decode(gs, {"x": 4, "z": 2})] == ["z", "y", "x"]
+    assert [g.name for g in RoutingPolicy("least_loaded").rank_decode(gs, {"x": 4})] == ["y", "z", "x"]
 
 
 class Room:
