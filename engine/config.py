@@ -239,3 +239,36 @@ class EngineConfig:
         )
 
 
+
+
+# Bumped whenever the KV channel's messages change shape (kv_transfer.channel); both ends must agree.
+KV_WIRE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """What a prefill worker and a decode group must agree on before KV may travel between them: the same model
+    (architecture and shape), KV dtype, block size and wire version. Compared when a pair's channels open, so a
+    mismatched pair fails at start-up with a message naming both sides, not with wrong tokens."""
+
+    model: str  # the checkpoint directory's name (paths may differ between nodes)
+    architecture: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    dtype: str
+    block_size: int
+    wire_version: int = KV_WIRE_VERSION
+
+    @classmethod
+    def of(cls, config: EngineConfig) -> KVLayout:
+        m = config.model
+        return cls(os.path.basename(os.path.normpath(m.model_dir)), m.architecture, m.num_layers, m.num_kv_heads,
+                   m.head_dim, m.vocab_size, m.dtype, config.cache.block_size)
+
+    def mismatch(self, other: KVLayout, me: str, them: str) -> str | None:
+        """None when KV may travel between the two; else which settings differ, naming both sides."""
+        diffs = [f"{f} {getattr(self, f)!r} on {me} vs {getattr(other, f)!r} on {them}"
+                 for f in self.__dataclass_fields__ if getattr(self, f) != getattr(other, f)]
+        return f"KV layout mismatch between {me} and {them}: " + "; ".join(diffs) if diffs else None

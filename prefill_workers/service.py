@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 
+from engine.config import KVLayout
 from engine.engine_loop import EngineDead, EngineLoop
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
@@ -91,6 +92,12 @@ class PrefillService(wpb_grpc.PrefillWorkerServicer):
             addresses = checks.channel_addresses(request.channels, tp, self.tp)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if request.HasField("decode_layout"):
+            theirs = KVLayout(**codec.layout_fields(request.decode_layout))
+            why = KVLayout.of(self.loop.engine.config).mismatch(theirs, f"prefill worker {self.name}",
+                                                                f"decode group {group}")
+            if why is not None:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, why)
         if self._connecting >= MAX_CONNECTS:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"prefill worker {self.name} has "
                                 f"{MAX_CONNECTS} Connects under way already: retry once they are done")

@@ -69,7 +69,24 @@ def load_message(name: str, loop: Any) -> wpb.WorkerLoad:
     return wpb.WorkerLoad(name=name, num_blocks=s.num_blocks, free_blocks=s.free_blocks,
                           block_size=cfg.cache.block_size, running=s.running, waiting=s.waiting + s.remote,
                           prefix_cache_hit_rate=s.prefix_cache_hit_rate, healthy=not error, error=error,
-                          max_num_seqs=cfg.scheduler.max_num_seqs, num_preemptions=_preemptions(loop.engine))
+                          max_num_seqs=cfg.scheduler.max_num_seqs, num_preemptions=_preemptions(loop.engine),
+                          kv_layout=layout_message(_layout_of(cfg)))
+
+
+def _layout_of(cfg: Any) -> dict[str, Any]:
+    from engine.config import KVLayout  # workers only (this module stays importable without the engine)
+
+    return vars(KVLayout.of(cfg)).copy()
+
+
+def layout_message(layout: dict[str, Any]) -> wpb.KVLayout:
+    """A KV layout (the fields of engine.config.KVLayout, as a dict) as its message."""
+    return wpb.KVLayout(**layout)
+
+
+def layout_fields(msg: wpb.KVLayout) -> dict[str, Any]:
+    """The fields of engine.config.KVLayout from its message."""
+    return {f.name: getattr(msg, f.name) for f in msg.DESCRIPTOR.fields}
 
 
 def _preemptions(engine: Any) -> int:

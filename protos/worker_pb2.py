@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos import generation_pb2 as protos_dot_generation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/worker.proto\x12\x13kvrelay.internal.v1\x1a\x17protos/generation.proto\"\x97\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.kvrelay.v1.SamplingParams\x12\x14\n\x0c\x64\x65\x63ode_group\x18\x04 \x01(\t\x12\x13\n\x0bskip_blocks\x18\x05 \x01(\r\"\x8d\x01\n\rPrefillResult\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12/\n\rfirst_logprob\x18\x02 \x01(\x0b\x32\x18.kvrelay.v1.TokenLogprob\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\"W\n\x0e\x43hannelAddress\x12\x13\n\x0b\x64\x65\x63ode_rank\x18\x01 \x01(\r\x12\x14\n\x0cprefill_rank\x18\x02 \x01(\r\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x0c\n\x04port\x18\x04 \x01(\r\"\x82\x01\n\x0e\x43onnectRequest\x12\x14\n\x0c\x64\x65\x63ode_group\x18\x01 \x01(\t\x12#\n\x1b\x64\x65\x63ode_tensor_parallel_size\x18\x02 \x01(\r\x12\x35\n\x08\x63hannels\x18\x03 \x03(\x0b\x32#.kvrelay.internal.v1.ChannelAddress\"\x0e\n\x0c\x43onnectReply\"M\n\rListenRequest\x12\x16\n\x0eprefill_worker\x18\x01 \x01(\t\x12$\n\x1cprefill_tensor_parallel_size\x18\x02 \x01(\r\"D\n\x0bListenReply\x12\x35\n\x08\x63hannels\x18\x01 \x03(\x0b\x32#.kvrelay.internal.v1.ChannelAddress\"\xc5\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.kvrelay.v1.SamplingParams\x12\x16\n\x0eprefill_worker\x18\x04 \x01(\t\x12$\n\x1cprefill_tensor_parallel_size\x18\x05 \x01(\r\x12\x1a\n\x12transfer_timeout_s\x18\x06 \x01(\x01\"\xb6\x01\n\x0b\x44\x65\x63odeEvent\x12\x31\n\x08reserved\x18\x01 \x01(\x0b\x32\x1d.kvrelay.internal.v1.ReservedH\x00\x12\x33\n\x06tokens\x18\x02 \x01(\x0b\x32!.kvrelay.internal.v1.DecodeTokensH\x00\x12\x37\n\x08\x66inished\x18\x03 \x01(\x0b\x32#.kvrelay.internal.v1.DecodeFinishedH\x00\x42\x06\n\x04kind\"N\n\x08Reserved\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x02 \x01(\r\x12\x19\n\x11num_cached_blocks\x18\x03 \x01(\r\"b\n\x0c\x44\x65\x63odeTokens\x12\x13\n\x0bstart_index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12*\n\x08logprobs\x18\x03 \x03(\x0b\x32\x18.kvrelay.v1.TokenLogprob\"T\n\x0e\x44\x65\x63odeFinished\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"j\n\x0cLocalRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.kvrelay.v1.SamplingParams\"2\n\nFirstToken\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\"\x05\n\x03\x41\x63k\"\r\n\x0bLoadRequest\"\xe7\x01\n\nWorkerLoad\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x0f\n\x07running\x18\x05 \x01(\r\x12\x0f\n\x07waiting\x18\x06 \x01(\r\x12\x1d\n\x15prefix_cache_hit_rate\x18\x07 \x01(\x01\x12\x0f\n\x07healthy\x18\x08 \x01(\x08\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x14\n\x0cmax_num_seqs\x18\n \x01(\r\x12\x17\n\x0fnum_preemptions\x18\x0b \x01(\x04\x32\x84\x02\n\rPrefillWorker\x12R\n\x07Prefill\x12#.kvrelay.internal.v1.PrefillRequest\x1a\".kvrelay.internal.v1.PrefillResult\x12Q\n\x07\x43onnect\x12#.kvrelay.internal.v1.ConnectRequest\x1a!.kvrelay.internal.v1.ConnectReply\x12L\n\x07GetLoad\x12 .kvrelay.internal.v1.LoadRequest\x1a\x1f.kvrelay.internal.v1.WorkerLoad2\x9c\x03\n\x0b\x44\x65\x63odeGroup\x12N\n\x06Listen\x12\".kvrelay.internal.v1.ListenRequest\x1a .kvrelay.internal.v1.ListenReply\x12P\n\x06\x44\x65\x63ode\x12\".kvrelay.internal.v1.DecodeRequest\x1a .kvrelay.internal.v1.DecodeEvent0\x01\x12J\n\rSetFirstToken\x12\x1f.kvrelay.internal.v1.FirstToken\x1a\x18.kvrelay.internal.v1.Ack\x12Q\n\x08Generate\x12!.kvrelay.internal.v1.LocalRequest\x1a .kvrelay.internal.v1.DecodeEvent0\x01\x12L\n\x07GetLoad\x12 .kvrelay.internal.v1.LoadRequest\x1a\x1f.kvrelay.internal.v1.WorkerLoadb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/worker.proto\x12\x13kvrelay.internal.v1\x1a\x17protos/generation.proto\"\x97\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.kvrelay.v1.SamplingParams\x12\x14\n\x0c\x64\x65\x63ode_group\x18\x04 \x01(\t\x12\x13\n\x0bskip_blocks\x18\x05 \x01(\r\"\x8d\x01\n\rPrefillResult\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12/\n\rfirst_logprob\x18\x02 \x01(\x0b\x32\x18.kvrelay.v1.TokenLogprob\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\"W\n\x0e\x43hannelAddress\x12\x13\n\x0b\x64\x65\x63ode_rank\x18\x01 \x01(\r\x12\x14\n\x0cprefill_rank\x18\x02 \x01(\r\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x0c\n\x04port\x18\x04 \x01(\r\"\xb8\x01\n\x0e\x43onnectRequest\x12\x14\n\x0c\x64\x65\x63ode_group\x18\x01 \x01(\t\x12#\n\x1b\x64\x65\x63ode_tensor_parallel_size\x18\x02 \x01(\r\x12\x35\n\x08\x63hannels\x18\x03 \x03(\x0b\x32#.kvrelay.internal.v1.ChannelAddress\x12\x34\n\rdecode_layout\x18\x04 \x01(\x0b\x32\x1d.kvrelay.internal.v1.KVLayout\"\xb8\x01\n\x08KVLayout\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\r\x12\x10\n\x08head_dim\x18\x05 \x01(\r\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x12\n\nblock_size\x18\x08 \x01(\r\x12\x14\n\x0cwire_version\x18\t \x01(\r\"\x0e\n\x0c\x43onnectReply\"M\n\rListenRequest\x12\x16\n\x0eprefill_worker\x18\x01 \x01(\t\x12$\n\x1cprefill_tensor_parallel_size\x18\x02 \x01(\r\"D\n\x0bListenReply\x12\x35\n\x08\x63hannels\x18\x01 \x03(\x0b\x32#.kvrelay.internal.v1.ChannelAddress\"\xc5\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.kvrelay.v1.SamplingParams\x12\x16\n\x0eprefill_worker\x18\x04 \x01(\t\x12$\n\x1cprefill_tensor_parallel_size\x18\x05 \x01(\r\x12\x1a\n\x12transfer_timeout_s\x18\x06 \x01(\x01\"\xb6\x01\n\x0b\x44\x65\x63odeEvent\x12\x31\n\x08reserved\x18\x01 \x01(\x0b\x32\x1d.kvrelay.internal.v1.ReservedH\x00\x12\x33\n\x06tokens\x18\x02 \x01(\x0b\x32!.kvrelay.internal.v1.DecodeTokensH\x00\x12\x37\n\x08\x66inished\x18\x03 \x01(\x0b\x32#.kvrelay.internal.v1.DecodeFinishedH\x00\x42\x06\n\x04kind\"N\n\x08Reserved\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x02 \x01(\r\x12\x19\n\x11num_cached_blocks\x18\x03 \x01(\r\"b\n\x0c\x44\x65\x63odeTokens\x12\x13\n\x0bstart_index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12*\n\x08logprobs\x18\x03 \x03(\x0b\x32\x18.kvrelay.v1.TokenLogprob\"T\n\x0e\x44\x65\x63odeFinished\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"j\n\x0cLocalRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.kvrelay.v1.SamplingParams\"2\n\nFirstToken\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\"\x05\n\x03\x41\x63k\"\r\n\x0bLoadRequest\"\x99\x02\n\nWorkerLoad\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x0f\n\x07running\x18\x05 \x01(\r\x12\x0f\n\x07waiting\x18\x06 \x01(\r\x12\x1d\n\x15prefix_cache_hit_rate\x18\x07 \x01(\x01\x12\x0f\n\x07healthy\x18\x08 \x01(\x08\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x14\n\x0cmax_num_seqs\x18\n \x01(\r\x12\x17\n\x0fnum_preemptions\x18\x0b \x01(\x04\x12\x30\n\tkv_layout\x18\x0c \x01(\x0b\x32\x1d.kvrelay.internal.v1.KVLayout2\x84\x02\n\rPrefillWorker\x12R\n\x07Prefill\x12#.kvrelay.internal.v1.PrefillRequest\x1a\".kvrelay.internal.v1.PrefillResult\x12Q\n\x07\x43onnect\x12#.kvrelay.internal.v1.ConnectRequest\x1a!.kvrelay.internal.v1.ConnectReply\x12L\n\x07GetLoad\x12 .kvrelay.internal.v1.LoadRequest\x1a\x1f.kvrelay.internal.v1.WorkerLoad2\x9c\x03\n\x0b\x44\x65\x63odeGroup\x12N\n\x06Listen\x12\".kvrelay.internal.v1.ListenRequest\x1a .kvrelay.internal.v1.ListenReply\x12P\n\x06\x44\x65\x63ode\x12\".kvrelay.internal.v1.DecodeRequest\x1a .kvrelay.internal.v1.DecodeEvent0\x01\x12J\n\rSetFirstToken\x12\x1f.kvrelay.internal.v1.FirstToken\x1a\x18.kvrelay.internal.v1.Ack\x12Q\n\x08Generate\x12!.kvrelay.internal.v1.LocalRequest\x1a .kvrelay.internal.v1.DecodeEvent0\x01\x12L\n\x07GetLoad\x12 .kvrelay.internal.v1.LoadRequest\x1a\x1f.kvrelay.internal.v1.WorkerLoadb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,35 +39,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHANNELADDRESS']._serialized_start=367
   _globals['_CHANNELADDRESS']._serialized_end=454
   _globals['_CONNECTREQUEST']._serialized_start=457
-  _globals['_CONNECTREQUEST']._serialized_end=587
-  _globals['_CONNECTREPLY']._serialized_start=589
-  _globals['_CONNECTREPLY']._serialized_end=603
-  _globals['_LISTENREQUEST']._serialized_start=605
-  _globals['_LISTENREQUEST']._serialized_end=682
-  _globals['_LISTENREPLY']._serialized_start=684
-  _globals['_LISTENREPLY']._serialized_end=752
-  _globals['_DECODEREQUEST']._serialized_start=755
-  _globals['_DECODEREQUEST']._serialized_end=952
-  _globals['_DECODEEVENT']._serialized_start=955
-  _globals['_DECODEEVENT']._serialized_end=1137
-  _globals['_RESERVED']._serialized_start=1139
-  _globals['_RESERVED']._serialized_end=1217
-  _globals['_DECODETOKENS']._serialized_start=1219
-  _globals['_DECODETOKENS']._serialized_end=1317
-  _globals['_DECODEFINISHED']._serialized_start=1319
-  _globals['_DECODEFINISHED']._serialized_end=1403
-  _globals['_LOCALREQUEST']._serialized_start=1405
-  _globals['_LOCALREQUEST']._serialized_end=1511
-  _globals['_FIRSTTOKEN']._serialized_start=1513
-  _globals['_FIRSTTOKEN']._serialized_end=1563
-  _globals['_ACK']._serialized_start=1565
-  _globals['_ACK']._serialized_end=1570
-  _globals['_LOADREQUEST']._serialized_start=1572
-  _globals['_LOADREQUEST']._serialized_end=1585
-  _globals['_WORKERLOAD']._serialized_start=1588
-  _globals['_WORKERLOAD']._serialized_end=1819
-  _globals['_PREFILLWORKER']._serialized_start=1822
-  _globals['_PREFILLWORKER']._serialized_end=2082
-  _globals['_DECODEGROUP']._serialized_start=2085
-  _globals['_DECODEGROUP']._serialized_end=2497
+  _globals['_CONNECTREQUEST']._serialized_end=641
+  _globals['_KVLAYOUT']._serialized_start=644
+  _globals['_KVLAYOUT']._serialized_end=828
+  _globals['_CONNECTREPLY']._serialized_start=830
+  _globals['_CONNECTREPLY']._serialized_end=844
+  _globals['_LISTENREQUEST']._serialized_start=846
+  _globals['_LISTENREQUEST']._serialized_end=923
+  _globals['_LISTENREPLY']._serialized_start=925
+  _globals['_LISTENREPLY']._serialized_end=993
+  _globals['_DECODEREQUEST']._serialized_start=996
+  _globals['_DECODEREQUEST']._serialized_end=1193
+  _globals['_DECODEEVENT']._serialized_start=1196
+  _globals['_DECODEEVENT']._serialized_end=1378
+  _globals['_RESERVED']._serialized_start=1380
+  _globals['_RESERVED']._serialized_end=1458
+  _globals['_DECODETOKENS']._serialized_start=1460
+  _globals['_DECODETOKENS']._serialized_end=1558
+  _globals['_DECODEFINISHED']._serialized_start=1560
+  _globals['_DECODEFINISHED']._serialized_end=1644
+  _globals['_LOCALREQUEST']._serialized_start=1646
+  _globals['_LOCALREQUEST']._serialized_end=1752
+  _globals['_FIRSTTOKEN']._serialized_start=1754
+  _globals['_FIRSTTOKEN']._serialized_end=1804
+  _globals['_ACK']._serialized_start=1806
+  _globals['_ACK']._serialized_end=1811
+  _globals['_LOADREQUEST']._serialized_start=1813
+  _globals['_LOADREQUEST']._serialized_end=1826
+  _globals['_WORKERLOAD']._serialized_start=1829
+  _globals['_WORKERLOAD']._serialized_end=2110
+  _globals['_PREFILLWORKER']._serialized_start=2113
+  _globals['_PREFILLWORKER']._serialized_end=2373
+  _globals['_DECODEGROUP']._serialized_start=2376
+  _globals['_DECODEGROUP']._serialized_end=2788
 # @@protoc_insertion_point(module_scope)

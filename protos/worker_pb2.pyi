@@ -46,14 +46,38 @@ class ChannelAddress(_message.Message):
     def __init__(self, decode_rank: _Optional[int] = ..., prefill_rank: _Optional[int] = ..., host: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
 
 class ConnectRequest(_message.Message):
-    __slots__ = ("decode_group", "decode_tensor_parallel_size", "channels")
+    __slots__ = ("decode_group", "decode_tensor_parallel_size", "channels", "decode_layout")
     DECODE_GROUP_FIELD_NUMBER: _ClassVar[int]
     DECODE_TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_LAYOUT_FIELD_NUMBER: _ClassVar[int]
     decode_group: str
     decode_tensor_parallel_size: int
     channels: _containers.RepeatedCompositeFieldContainer[ChannelAddress]
-    def __init__(self, decode_group: _Optional[str] = ..., decode_tensor_parallel_size: _Optional[int] = ..., channels: _Optional[_Iterable[_Union[ChannelAddress, _Mapping]]] = ...) -> None: ...
+    decode_layout: KVLayout
+    def __init__(self, decode_group: _Optional[str] = ..., decode_tensor_parallel_size: _Optional[int] = ..., channels: _Optional[_Iterable[_Union[ChannelAddress, _Mapping]]] = ..., decode_layout: _Optional[_Union[KVLayout, _Mapping]] = ...) -> None: ...
+
+class KVLayout(_message.Message):
+    __slots__ = ("model", "architecture", "num_layers", "num_kv_heads", "head_dim", "vocab_size", "dtype", "block_size", "wire_version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    WIRE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    architecture: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    dtype: str
+    block_size: int
+    wire_version: int
+    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., wire_version: _Optional[int] = ...) -> None: ...
 
 class ConnectReply(_message.Message):
     __slots__ = ()
@@ -156,7 +180,7 @@ class LoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("name", "num_blocks", "free_blocks", "block_size", "running", "waiting", "prefix_cache_hit_rate", "healthy", "error", "max_num_seqs", "num_preemptions")
+    __slots__ = ("name", "num_blocks", "free_blocks", "block_size", "running", "waiting", "prefix_cache_hit_rate", "healthy", "error", "max_num_seqs", "num_preemptions", "kv_layout")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +192,7 @@ class WorkerLoad(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
     NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    KV_LAYOUT_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_blocks: int
     free_blocks: int
@@ -179,4 +204,5 @@ class WorkerLoad(_message.Message):
     error: str
     max_num_seqs: int
     num_preemptions: int
-    def __init__(self, name: _Optional[str] = ..., num_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., healthy: _Optional[bool] = ..., error: _Optional[str] = ..., max_num_seqs: _Optional[int] = ..., num_preemptions: _Optional[int] = ...) -> None: ...
+    kv_layout: KVLayout
+    def __init__(self, name: _Optional[str] = ..., num_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., healthy: _Optional[bool] = ..., error: _Optional[str] = ..., max_num_seqs: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., kv_layout: _Optional[_Union[KVLayout, _Mapping]] = ...) -> None: ...

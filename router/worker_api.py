@@ -76,6 +76,7 @@ class Load:
     error: str
     max_num_seqs: int
     num_preemptions: int = 0  # since the worker started
+    kv_layout: dict[str, Any] | None = None  # engine.config.KVLayout's fields; None from a worker that sends none
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ class ChannelAddress:
 def _load(msg: wpb.WorkerLoad) -> Load:
     return Load(msg.name, msg.num_blocks, msg.free_blocks, msg.block_size, msg.running, msg.waiting,
                 msg.prefix_cache_hit_rate, msg.healthy, codec.one_line(msg.error), msg.max_num_seqs,
-                msg.num_preemptions)
+                msg.num_preemptions, codec.layout_fields(msg.kv_layout) if msg.HasField("kv_layout") else None)
 
 
 class _Client:
@@ -123,10 +124,13 @@ class PrefillClient(_Client):
         lp = codec.logprob_fields(r.first_logprob) if r.HasField("first_logprob") else None
         return PrefillOutcome(r.first_token_id, lp, r.cached_prompt_tokens, r.finish_reason)
 
-    async def connect(self, decode_group: str, decode_tp: int, channels: list[ChannelAddress]) -> None:
+    async def connect(self, decode_group: str, decode_tp: int, channels: list[ChannelAddress],
+                      decode_layout: dict[str, Any] | None = None) -> None:
         req = wpb.ConnectRequest(decode_group=decode_group, decode_tensor_parallel_size=decode_tp, channels=[
             wpb.ChannelAddress(decode_rank=c.decode_rank, prefill_rank=c.prefill_rank, host=c.host, port=c.port)
             for c in channels])
+        if decode_layout is not None:
+            req.decode_layout.CopyFrom(codec.layout_message(decode_layout))
         try:
             await self.stub.Connect(req, metadata=self.md)
         except grpc.RpcError as e:

@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from engine.config import KVLayout
 from router.policy import WorkerView
 from router.prefix_index import PrefixIndex
 from router.worker_api import DecodeClient, Load, PrefillClient, WorkerError
@@ -22,6 +23,10 @@ class WorkerSpec:
     name: str
     address: str
     tensor_parallel_size: int = 1
+
+
+class KVLayoutMismatch(RuntimeError):
+    """A prefill worker and a decode group cannot exchange KV (different model, dtype, block size or wire)."""
 
 
 @dataclass
@@ -84,8 +89,15 @@ class WorkerPool:
 
     async def _wire_pair(self, p: Worker, d: Worker) -> None:
         assert isinstance(d.client, DecodeClient) and isinstance(p.client, PrefillClient)
+        p_layout = p.load.kv_layout if p.load is not None else None
+        d_layout = d.load.kv_layout if d.load is not None else None
+        if p_layout is not None and d_layout is not None:  # the compatibility handshake, before any channel opens
+            why = KVLayout(**p_layout).mismatch(KVLayout(**d_layout), f"prefill worker {p.name}",
+                                                f"decode group {d.name}")
+            if why is not None:
+                raise KVLayoutMismatch(why)
         channels = await d.client.listen(p.name, p.spec.tensor_parallel_size)
-        await p.client.connect(d.name, d.spec.tensor_parallel_size, channels)
+        await p.client.connect(d.name, d.spec.tensor_parallel_size, channels, d_layout)
         p.wired.add(d.name)
         log.info("KV channels %s -> %s ready (%d)", p.name, d.name, len(channels))
 

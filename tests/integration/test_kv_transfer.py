@@ -166,3 +166,67 @@ def test_decode_group_shares_its_prefix_and_receives_only_missing_blocks(llama_d
     finally:
         p.shutdown()
         d.shutdown()
+
+
+def test_decode_side_preemption_of_remote_requests_recomputes_exactly(llama_dir):
+    """A decode pool too small for every remote request's growth: the newest are preempted and recomputed by the
+    decode engine itself (prompt + tokens so far); tokens still equal LLM's, and every block comes back."""
+    rng = random.Random(9)
+    ps = [[rng.randrange(3, 384) for _ in range(40)] for _ in range(4)]
+    long = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+    ref = [o.token_ids for o in LLM(llama_dir).generate(ps, long)]
+    p, d = engine(llama_dir, num_blocks=64), engine(llama_dir, block_size=16, num_blocks=20)
+    try:
+        wire(p, "p0", d, "d0")
+        outs = disaggregated_generate(p, d, ps, long)
+        assert [outs[f"req{i}"].token_ids for i in range(4)] == ref
+        assert d.scheduler.num_preemptions > 0  # 4 x 100 tokens = 28 blocks > 20
+        assert d.num_free_blocks == 20 and p.num_free_blocks == 64
+    finally:
+        p.shutdown()
+        d.shutdown()
+
+
+def test_mismatched_pair_fails_at_start_up_naming_both_sides(llama_dir):
+    """A prefill worker and a decode group with different block sizes: the router refuses to wire them (before any
+    channel opens), and a prefill worker refuses a Connect that carries another layout."""
+    import asyncio
+
+    import grpc
+
+    from decode_workers.group import DecodeLeader
+    from engine import EngineConfig
+    from engine.config import KVLayout
+    from prefill_workers.worker import PrefillWorker
+    from protos import codec
+    from protos import worker_pb2 as wpb
+    from protos import worker_pb2_grpc as wpb_grpc
+    from protos.guards import secret_metadata
+    from router.config import RouterConfig
+    from router.server import RouterServer
+    from router.workers import KVLayoutMismatch, WorkerSpec
+
+    secret = "handshake-test"
+    p = PrefillWorker("p0", EngineConfig.from_model_dir(llama_dir, num_blocks=32, block_size=16), secret=secret)
+    d_cfg = EngineConfig.from_model_dir(llama_dir, num_blocks=32, block_size=8)
+    d = DecodeLeader("d0", d_cfg, secret=secret)
+    try:
+        router = RouterServer(RouterConfig(host="127.0.0.1", port=0, stats_log_interval_s=0), d_cfg.model,
+                              [WorkerSpec("p0", p.address)], [WorkerSpec("d0", d.address)], secret=secret)
+        with pytest.raises(KVLayoutMismatch, match=r"KV layout mismatch between prefill worker p0 and decode group "
+                                                   r"d0: block_size 16 on prefill worker p0 vs 8 on decode group d0"):
+            asyncio.run(router.start(64, 30))
+        asyncio.run(router.stop())
+        with grpc.insecure_channel(p.address) as ch:
+            layout = codec.layout_message(vars(KVLayout.of(d_cfg)).copy())
+            with pytest.raises(grpc.RpcError) as e:
+                wpb_grpc.PrefillWorkerStub(ch).Connect(wpb.ConnectRequest(
+                    decode_group="d0", decode_tensor_parallel_size=1, decode_layout=layout,
+                    channels=[wpb.ChannelAddress(decode_rank=0, prefill_rank=0, host="127.0.0.1", port=1)]),
+                    metadata=secret_metadata(secret), timeout=10)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert e.value.details() == ("KV layout mismatch between prefill worker p0 and decode group d0: block_size "
+                                     "16 on prefill worker p0 vs 8 on decode group d0")
+    finally:
+        p.stop()
+        d.stop()

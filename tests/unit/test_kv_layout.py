@@ -39,3 +39,18 @@ def test_replicated_heads_spread_over_senders():
     assert plan.slices == ((HeadSlice(0, 0, 0, 1),), (HeadSlice(3, 0, 0, 1),))
     # MQA to TP 2: both decode ranks need head 0, prefill TP 1 sends it to both.
     assert make_transfer_plan(1, 1, 2).slices == ((HeadSlice(0, 0, 0, 1),), (HeadSlice(0, 0, 0, 1),))
+
+
+def test_kv_layout_handshake_names_both_sides_and_every_difference():
+    from engine.config import KVLayout
+
+    a = KVLayout("llama-8b", "LlamaForCausalLM", 32, 8, 128, 128256, "bfloat16", 16)
+    assert a.mismatch(a, "prefill worker p0", "decode group d0") is None
+    b = KVLayout("llama-8b", "LlamaForCausalLM", 32, 8, 128, 128256, "float16", 32)
+    assert a.mismatch(b, "prefill worker p0", "decode group d0") == (
+        "KV layout mismatch between prefill worker p0 and decode group d0: dtype 'bfloat16' on prefill worker p0 "
+        "vs 'float16' on decode group d0; block_size 16 on prefill worker p0 vs 32 on decode group d0")
+    import dataclasses
+
+    newer = dataclasses.replace(a, wire_version=2)
+    assert a.mismatch(newer, "x", "y") == "KV layout mismatch between x and y: wire_version 1 on x vs 2 on y"
