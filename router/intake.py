@@ -15,7 +15,7 @@ from router.client_stream import Chunk, Final
 from router.errors import ALREADY_EXISTS, CANCELLED, INTERNAL, INVALID_ARGUMENT, RequestError
 from router.metrics import RouterMetrics
 from router.orchestrator import Orchestrator
-from router.requests import ModelLimits, RequestSpec, validate
+from router.requests import FieldError, ModelLimits, RequestSpec, validate
 
 log = logging.getLogger("kvrelay.router")
 
@@ -47,6 +47,8 @@ class Intake:
                 spec = await asyncio.to_thread(validate, prompt, sampling, rid, self.limits, self.tokenizer)
             else:
                 spec = validate(prompt, sampling, rid, self.limits, self.tokenizer)
+        except FieldError as e:
+            raise self.refused(RequestError(INVALID_ARGUMENT, str(e), e.param)) from None
         except (ValueError, TypeError) as e:
             raise self.refused(RequestError(INVALID_ARGUMENT, str(e))) from None
         if spec.request_id in self.live:

@@ -1,16 +1,38 @@
 """Request validation (pure Python): a parsed public request becomes a `RequestSpec` the orchestrator runs, or a
-ValueError whose message says what to fix (the server answers it with INVALID_ARGUMENT)."""
+`FieldError` whose message says what to fix and whose `param` names the field (the server answers it with
+INVALID_ARGUMENT; the HTTP front also reports the field as OpenAI's `param`)."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
 
 MAX_REQUEST_ID_LEN = 128
+
+
+class FieldError(ValueError):
+    """A request refused for one field: `param` is its name as `validate` takes it ("prompt", "request_id", or a
+    SamplingParams field), None when no single field is to blame. The message is the client's, unchanged."""
+
+    def __init__(self, message: str, param: str | None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _bad_sampling_field(sampling: dict[str, Any]) -> str | None:
+    """The field SamplingParams refused. Each of its checks looks at one field, in field order, so the first
+    field that fails on its own is the one its message is about (found by trying, not by reading the message)."""
+    for f in fields(SamplingParams):
+        if f.name in sampling:
+            try:
+                SamplingParams(**{f.name: sampling[f.name]})
+            except (ValueError, TypeError):
+                return f.name
+    return None
 
 
 @dataclass(frozen=True)
@@ -36,36 +58,43 @@ class RequestSpec:
 def validate(prompt: str | list[int] | None, sampling: dict[str, Any], request_id: str, limits: ModelLimits,
              tokenizer: Tokenizer | None) -> RequestSpec:
     if len(request_id) > MAX_REQUEST_ID_LEN or not request_id.isprintable():
-        raise ValueError(f"request_id must be at most {MAX_REQUEST_ID_LEN} printable characters")
-    params = SamplingParams(**sampling)  # its ValueErrors name the bad field
+        raise FieldError(f"request_id must be at most {MAX_REQUEST_ID_LEN} printable characters", "request_id")
+    try:
+        params = SamplingParams(**sampling)  # its messages name the bad field
+    except (ValueError, TypeError) as e:
+        raise FieldError(str(e), _bad_sampling_field(sampling)) from None
     if params.stop and tokenizer is None:
-        raise ValueError("stop strings need the model's tokenizer, and this model has none: use stop_token_ids")
+        raise FieldError("stop strings need the model's tokenizer, and this model has none: use stop_token_ids",
+                         "stop")
     bad_stop = [t for t in params.stop_token_ids if t >= limits.vocab_size]
     if bad_stop:
-        raise ValueError(f"stop_token_ids {bad_stop[:5]} are outside the vocabulary [0, {limits.vocab_size})")
+        raise FieldError(f"stop_token_ids {bad_stop[:5]} are outside the vocabulary [0, {limits.vocab_size})",
+                         "stop_token_ids")
     if prompt is None:
-        raise ValueError("the request has no prompt: set `text` or `token_ids`")
+        raise FieldError("the request has no prompt: set `text` or `token_ids`", "prompt")
     if isinstance(prompt, str):
         if tokenizer is None:
-            raise ValueError("this model has no tokenizer, so text prompts are not accepted: send token_ids")
+            raise FieldError("this model has no tokenizer, so text prompts are not accepted: send token_ids",
+                             "prompt")
         if not prompt:
-            raise ValueError("the prompt is empty")
+            raise FieldError("the prompt is empty", "prompt")
         ids = tokenizer.encode(prompt)
     else:
         ids = list(prompt)
         bad = [t for t in ids if t >= limits.vocab_size]
         if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {limits.vocab_size})")
+            raise FieldError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {limits.vocab_size})",
+                             "prompt")
     if not ids:
-        raise ValueError("the prompt is empty")
+        raise FieldError("the prompt is empty", "prompt")
     if limits.max_prompt_len is not None and len(ids) > limits.max_prompt_len:
-        raise ValueError(f"the prompt has {len(ids)} tokens; at most {limits.max_prompt_len} fit a prefill worker's "
-                         "KV cache in this deployment")
+        raise FieldError(f"the prompt has {len(ids)} tokens; at most {limits.max_prompt_len} fit a prefill "
+                         "worker's KV cache in this deployment", "prompt")
     if len(ids) + params.max_tokens > limits.max_model_len:
         if len(ids) >= limits.max_model_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens; at most {limits.max_model_len - 1} fit this "
-                             f"deployment (max_model_len {limits.max_model_len})")
-        raise ValueError(f"the prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
+            raise FieldError(f"the prompt has {len(ids)} tokens; at most {limits.max_model_len - 1} fit this "
+                             f"deployment (max_model_len {limits.max_model_len})", "prompt")
+        raise FieldError(f"the prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
                          f"max_model_len {limits.max_model_len}: lower max_tokens to at most "
-                         f"{limits.max_model_len - len(ids)} or shorten the prompt")
+                         f"{limits.max_model_len - len(ids)} or shorten the prompt", "max_tokens")
     return RequestSpec(request_id, ids, params)

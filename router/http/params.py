@@ -1,5 +1,5 @@
 """From an OpenAI request body to what the intake takes: sampling keyword arguments per choice, the checks of
-fields kvrelay knows but does not implement, and which request field a validation message is about."""
+fields kvrelay knows but does not implement, and the OpenAI name of a field the intake refused."""
 
 from __future__ import annotations
 
@@ -69,19 +69,11 @@ def sampling(req: Request, max_tokens: int, choice: int) -> dict[str, Any]:
     return kw
 
 
-# Leading words of the router's validation messages -> the OpenAI field they are about.
-_PARAMS = (("max_tokens", "max_tokens"), ("temperature", "temperature"), ("top_k", "top_k"), ("top_p", "top_p"),
-           ("seed", "seed"), ("stop_token_ids", "stop_token_ids"), ("stop", "stop"), ("logprobs", "logprobs"),
-           ("the prompt (", "max_tokens"), ("the prompt", "prompt"), ("prompt", "prompt"),
-           ("this model has no tokenizer", "prompt"))
-
-
-def param_of(message: str, chat: bool) -> str | None:
-    for prefix, param in _PARAMS:
-        if message.startswith(prefix):
-            if chat and param == "prompt":
-                return "messages"
-            if chat and param == "logprobs":
-                return "top_logprobs"
-            return param
-    return None
+def openai_param(field: str | None, chat: bool) -> str | None:
+    """The OpenAI request field for a field the intake refused (router.requests.FieldError.param): chat has
+    `messages` for the prompt and `top_logprobs` for the number of alternatives."""
+    if chat and field == "prompt":
+        return "messages"
+    if chat and field == "logprobs":
+        return "top_logprobs"
+    return field

@@ -23,7 +23,7 @@ from router.http.choices import Fanout
 from router.http.errors import error_event, error_response
 from router.http.formats import Format, UsageTally
 from router.http.frontend import Frontend
-from router.http.params import param_of, sampling
+from router.http.params import openai_param, sampling
 from router.http.schemas import ChatCompletionRequest, CompletionRequest
 from router.intake import Intake
 from router.requests import RequestSpec
@@ -90,8 +90,7 @@ async def admit_choices(intake: Intake, prompts: list[str | list[int]], n: int, 
     except RequestError as e:
         for s in specs:
             intake.release(s)
-        if e.param is None:
-            e.param = param_of(e.message, chat)
+        e.param = openai_param(e.param, chat)
         raise
     return specs
 

@@ -283,6 +283,23 @@ BAD = [
      "top_logprobs"),
     ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, 400,
      "logprobs must be an integer in [0, 20]", "top_logprobs"),
+    # Each field the intake refuses (router.requests.FieldError) is OpenAI's `param`.
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens must be an integer >= 1", "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p must be in (0, 1]", "top_p"),
+    ("/v1/completions", {"prompt": "x", "top_k": -2}, 400, "top_k must be an integer >= 0", "top_k"),
+    ("/v1/completions", {"prompt": "x", "seed": -1}, 400, "seed must be a non-negative integer", "seed"),
+    ("/v1/completions", {"prompt": "x", "stop": [""]}, 400, "stop must be non-empty strings", "stop"),
+    ("/v1/completions", {"prompt": "x", "stop_token_ids": [-1]}, 400, "stop_token_ids must be non-negative",
+     "stop_token_ids"),
+    ("/v1/completions", {"prompt": "x", "stop_token_ids": [5000]}, 400, "stop_token_ids [5000] are outside",
+     "stop_token_ids"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs must be an integer in [0, 20]", "logprobs"),
+    ("/v1/completions", {"prompt": [1] * 600}, 400, "the prompt has 600 tokens; at most 511 fit", "prompt"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "go " * 600}]}, 400, "at most 511 fit",
+     "messages"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 600}, 400, "lower max_tokens to at most",
+     "max_tokens"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "temperature": -1}, 400, "temperature must be", "temperature"),
 ]
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from engine.output_processor import OutputState
 from engine.sampling_params import SamplingParams
-from router.requests import ModelLimits, validate
+from router.requests import FieldError, ModelLimits, validate
 
 LIMITS = ModelLimits("m", "LlamaForCausalLM", vocab_size=100, max_model_len=64, eos_token_ids=(2,))
 
@@ -16,23 +16,32 @@ def test_valid_token_prompt():
     assert spec.prompt_ids == [5, 6, 7] and spec.params.max_tokens == 8 and spec.params.greedy
 
 
-@pytest.mark.parametrize("prompt,sampling,rid,message", [
-    (None, {}, "r", "no prompt"),
-    ([], {}, "r", "prompt is empty"),
-    ("hello", {}, "r", "no tokenizer"),
-    ([1, 100], {}, "r", "outside the vocabulary [0, 100)"),
-    ([1] * 64, {"max_tokens": 1}, "r", "at most 63 fit"),
-    ([1] * 60, {"max_tokens": 8}, "r", "lower max_tokens to at most 4"),
-    ([1], {"top_k": -2}, "r", "top_k"),
-    ([1], {"stop": ("x",)}, "r", "stop strings need the model's tokenizer"),
-    ([1], {"stop_token_ids": (100,)}, "r", "stop_token_ids [100]"),
-    ([1], {}, "x" * 129, "request_id"),
-    ([1], {}, "a\nb", "request_id"),
+@pytest.mark.parametrize("prompt,sampling,rid,message,param", [
+    (None, {}, "r", "no prompt", "prompt"),
+    ([], {}, "r", "prompt is empty", "prompt"),
+    ("hello", {}, "r", "no tokenizer", "prompt"),
+    ([1, 100], {}, "r", "prompt token ids [100] are outside the vocabulary [0, 100)", "prompt"),
+    ([1] * 64, {"max_tokens": 1}, "r", "the prompt has 64 tokens; at most 63 fit", "prompt"),
+    ([1] * 60, {"max_tokens": 8}, "r", "lower max_tokens to at most 4", "max_tokens"),
+    ([1], {"max_tokens": 0}, "r", "max_tokens must be an integer >= 1, got 0", "max_tokens"),
+    ([1], {"temperature": -1.0}, "r", "temperature must be a finite number >= 0", "temperature"),
+    ([1], {"top_k": -2}, "r", "top_k must be an integer >= 0", "top_k"),
+    ([1], {"top_p": 0.0}, "r", "top_p must be in (0, 1], got 0.0", "top_p"),
+    ([1], {"seed": -3}, "r", "seed must be a non-negative integer, got -3", "seed"),
+    ([1], {"stop": ("",)}, "r", "stop must be non-empty strings", "stop"),
+    ([1], {"stop_token_ids": (-1,)}, "r", "stop_token_ids must be non-negative", "stop_token_ids"),
+    ([1], {"logprobs": 21}, "r", "logprobs must be an integer in [0, 20], got 21", "logprobs"),
+    # Two bad fields: the message and the param are the first one's (field order), as SamplingParams checks them.
+    ([1], {"logprobs": 21, "temperature": -1.0}, "r", "temperature must be", "temperature"),
+    ([1], {"stop": ("x",)}, "r", "stop strings need the model's tokenizer", "stop"),
+    ([1], {"stop_token_ids": (100,)}, "r", "stop_token_ids [100]", "stop_token_ids"),
+    ([1], {}, "x" * 129, "request_id", "request_id"),
+    ([1], {}, "a\nb", "request_id", "request_id"),
 ])
-def test_invalid_requests_say_what_to_fix(prompt, sampling, rid, message):
-    with pytest.raises(ValueError, match=None) as e:
+def test_invalid_requests_say_what_to_fix_and_name_the_field(prompt, sampling, rid, message, param):
+    with pytest.raises(FieldError) as e:
         validate(prompt, sampling, rid, LIMITS, None)
-    assert message in str(e.value)
+    assert isinstance(e.value, ValueError) and message in str(e.value) and e.value.param == param
 
 
 class CharTokenizer:
