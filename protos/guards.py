@@ -97,8 +97,12 @@ def _guarded(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
 
 class ParseGuardInterceptor(grpc.aio.ServerInterceptor):
     """Gives every request-unary method a deserializer that cannot raise: undecodable bytes end the call with
-    INVALID_ARGUMENT "request could not be parsed: ..." and one warning line. (Request-streaming methods, of
-    which kvrelay has none of its own, keep grpc's behaviour.)"""
+    INVALID_ARGUMENT "request could not be parsed: ..." and one warning line, and `on_undecodable()` is called
+    (the router counts the refusal). (Request-streaming methods, of which kvrelay has none of its own, keep grpc's
+    behaviour.)"""
+
+    def __init__(self, on_undecodable: Callable[[], None] | None = None) -> None:
+        self.on_undecodable = on_undecodable
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
                                 details: grpc.HandlerCallDetails) -> Any:
@@ -111,6 +115,8 @@ class ParseGuardInterceptor(grpc.aio.ServerInterceptor):
 
         async def refuse(request: Undecodable, context: grpc.aio.ServicerContext) -> None:
             log.warning("%s: request could not be parsed (%s)", method, request.error)
+            if self.on_undecodable is not None:
+                self.on_undecodable()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request could not be parsed: {request.error} "
                                 f"(send a serialized {method} request message)")
 
@@ -143,6 +149,8 @@ class ParseGuardInterceptor(grpc.aio.ServerInterceptor):
         return grpc.unary_stream_rpc_method_handler(streaming, **kw)
 
 
-def server_interceptors(secret: str | None) -> list[grpc.aio.ServerInterceptor]:
-    """The interceptors of a kvrelay server: the secret check (internal API) first, then the parse guard."""
-    return ([SecretInterceptor(secret)] if secret is not None else []) + [ParseGuardInterceptor()]
+def server_interceptors(secret: str | None,
+                        on_undecodable: Callable[[], None] | None = None) -> list[grpc.aio.ServerInterceptor]:
+    """The interceptors of a kvrelay server: the secret check (internal API) first, then the parse guard
+    (`on_undecodable` is called for each request it refuses)."""
+    return ([SecretInterceptor(secret)] if secret is not None else []) + [ParseGuardInterceptor(on_undecodable)]

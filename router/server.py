@@ -21,7 +21,7 @@ from protos.serving import SERVER_OPTIONS
 from router import public_api
 from router.auth import ApiKeyInterceptor
 from router.config import RouterConfig
-from router.errors import RequestError
+from router.errors import INVALID_ARGUMENT, RequestError
 from router.intake import Intake
 from router.metrics import RouterMetrics
 from router.orchestrator import Orchestrator
@@ -92,8 +92,9 @@ class RouterServer:
                                      len(self.pool.decode), self.pool.decode[0].spec.tensor_parallel_size)
         key = self.config.api_key
         # The key check first (a refused call is refused whatever its bytes), then the parse guard.
+        # Both count what they refuse in the error-status counter, as the intake counts what it refuses.
         interceptors = ([ApiKeyInterceptor(key, self.metrics.failed)] if key is not None else []) + \
-            server_interceptors(None)
+            server_interceptors(None, on_undecodable=lambda: self.metrics.failed(INVALID_ARGUMENT))
         self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
         public_api.add_to_server(GenerationService(self.intake, info), self.server)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()

@@ -405,6 +405,19 @@ def test_models_health_and_metrics_counters(base, served):
             assert (f"kvrelay:{g}", (("worker", worker),)) in after
 
 
+def test_undecodable_grpc_requests_are_counted(router, base):
+    """The parse guard's INVALID_ARGUMENT for bytes that are no GenerateRequest counts like any refusal."""
+    before = scrape(base)
+    with grpc.insecure_channel(f"127.0.0.1:{router.port}") as ch:
+        generate = ch.unary_stream("/kvrelay.v1.Generation/Generate", request_serializer=lambda b: b,
+                                   response_deserializer=lambda b: b)
+        for body in (b"\xff\xff\xff\xff", b"\x22\x02\xc3\x28"):  # garbage; request_id with invalid UTF-8
+            with pytest.raises(grpc.RpcError) as e:
+                list(generate(body, timeout=10))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "could not be parsed" in e.value.details()
+    assert moved_since(before, scrape(base), "kvrelay:request_errors_total", status="INVALID_ARGUMENT") == 2
+
+
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory):
     if shutil.which("openssl") is None:
