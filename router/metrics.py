@@ -1,9 +1,12 @@
 """The router's Prometheus metrics, named after vLLM's under a `kvrelay:` prefix (docs/operations.md lists them),
-plus running totals for the periodic stats log line and `snapshot`.
+plus running totals for the periodic stats log line and `snapshot`. Every metric carries a `model_name` label, the
+served model's name, as vLLM's do.
 
-Each router owns its registry, so several routers in one process (tests) never share counters. Request metrics
-are observed by the orchestrator when a request ends; per-worker gauges and the preemption counter are fed by the
-worker pool's load poll."""
+Each router owns its registry, so several routers in one process (tests) never share counters. Token counters move
+as work happens, so rates are smooth and cancelled or failed requests' tokens count: prompt tokens when the
+orchestrator takes a request, generation tokens (and inter-token latencies) per streamed chunk. Per-request
+outcomes, latencies and prefix-cache counts are observed when a request ends; per-worker gauges and the preemption
+counter are fed by the worker pool's load poll."""
 
 from __future__ import annotations
 
@@ -25,70 +28,93 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class RouterMetrics:
     """Mutates: its Prometheus metrics and totals (since start)."""
 
-    def __init__(self) -> None:
+    def __init__(self, model_name: str = "unnamed") -> None:
+        """`model_name`: the served model's name (the router passes it; the default is for tools and tests)."""
+        self.model_name = model_name
         r = self.registry = CollectorRegistry()
-        self.ttft = Histogram("kvrelay:time_to_first_token_seconds", "Time from the router receiving a request to "
-                              "its first token", buckets=LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("kvrelay:inter_token_latency_seconds", "Gaps between a request's consecutive token "
-                             "chunks as the router streams them", buckets=ITL_BUCKETS, registry=r)
-        self.e2e = Histogram("kvrelay:e2e_request_latency_seconds", "Time from the router receiving a request to "
-                             "its end", buckets=LATENCY_BUCKETS, registry=r)
-        self.queue = Histogram("kvrelay:request_queue_time_seconds", "Time a request waited in the router's line "
-                               "for KV room or a prefill slot", buckets=LATENCY_BUCKETS, registry=r)
-        self.transfer_time = Histogram("kvrelay:kv_transfer_time_seconds", "From sending a prompt to its prefill "
+        model = ["model_name"]
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Any:
+            return Histogram(name, doc, model, buckets=buckets, registry=r).labels(model_name)
+
+        def counter(name: str, doc: str) -> Any:
+            return Counter(name, doc, model, registry=r).labels(model_name)
+
+        self.ttft = histogram("kvrelay:time_to_first_token_seconds", "Time from the router receiving a request to "
+                              "its first token", LATENCY_BUCKETS)
+        self.itl = histogram("kvrelay:inter_token_latency_seconds", "Time between a request's consecutive tokens "
+                             "as the router streams them (a chunk of k tokens after a gap g counts k gaps of g/k)",
+                             ITL_BUCKETS)
+        self.e2e = histogram("kvrelay:e2e_request_latency_seconds", "Time from the router receiving a request to "
+                             "its end", LATENCY_BUCKETS)
+        self.queue = histogram("kvrelay:request_queue_time_seconds", "Time a request waited in the router's line "
+                               "for KV room or a prefill slot", LATENCY_BUCKETS)
+        self.transfer_time = histogram("kvrelay:kv_transfer_time_seconds", "From sending a prompt to its prefill "
                                        "worker until the decode group has its whole KV (prefill and the layer-by-"
-                                       "layer transfer overlap)", buckets=LATENCY_BUCKETS, registry=r)
-        self.transfer_bytes = Histogram("kvrelay:kv_transfer_bytes", "KV bytes of a request's prompt sent to its "
+                                       "layer transfer overlap)", LATENCY_BUCKETS)
+        self.transfer_bytes = histogram("kvrelay:kv_transfer_bytes", "KV bytes of a request's prompt sent to its "
                                         "decode group (blocks the group already held are not sent: an upper "
-                                        "bound)", buckets=BYTES_BUCKETS, registry=r)
+                                        "bound)", BYTES_BUCKETS)
         self.success = Counter("kvrelay:request_success", "Requests finished, by finish reason",
-                               ["finished_reason"], registry=r)
+                               [*model, "finished_reason"], registry=r)
         self.errors = Counter("kvrelay:request_errors", "Requests failed or refused, by status",
-                              ["status"], registry=r)
-        self.prompt_tokens = Counter("kvrelay:prompt_tokens", "Prompt tokens of finished requests", registry=r)
-        self.generation_tokens = Counter("kvrelay:generation_tokens", "Tokens generated for finished requests",
-                                         registry=r)
-        self.cache_queries = Counter("kvrelay:prefix_cache_queries", "Prompt tokens looked up in a prefix cache "
-                                     "(finished requests)", registry=r)
-        self.cache_hits = Counter("kvrelay:prefix_cache_hits", "Prompt tokens served from a prefix cache "
-                                  "(finished requests)", registry=r)
-        self.transfer_failures = Counter("kvrelay:kv_transfer_failures", "KV transfers that failed (the request "
-                                         "was retried or failed)", registry=r)
-        self.preemptions = Counter("kvrelay:num_preemptions", "Requests the workers' schedulers preempted",
-                                   registry=r)
-        self.retries = Counter("kvrelay:request_retries", "Prefills retried on a fresh placement", registry=r)
-        self.running = Gauge("kvrelay:num_requests_running", "Requests a worker is computing", ["worker"],
-                             registry=r)
+                              [*model, "status"], registry=r)
+        self.prompt_tokens = counter("kvrelay:prompt_tokens", "Prompt tokens of the requests the router took "
+                                     "(counted when taken, however they end)")
+        self.generation_tokens = counter("kvrelay:generation_tokens", "Generated tokens streamed to clients "
+                                         "(counted per chunk, however the request ends)")
+        self.cache_queries = counter("kvrelay:prefix_cache_queries", "Prompt tokens looked up in a prefix cache "
+                                     "(finished requests)")
+        self.cache_hits = counter("kvrelay:prefix_cache_hits", "Prompt tokens served from a prefix cache "
+                                  "(finished requests)")
+        self.transfer_failures = counter("kvrelay:kv_transfer_failures", "KV transfers that failed (the request "
+                                         "was retried or failed)")
+        self.preemptions = counter("kvrelay:num_preemptions", "Requests the workers' schedulers preempted")
+        self.retries = counter("kvrelay:request_retries", "Prefills retried on a fresh placement")
+        self.running = Gauge("kvrelay:num_requests_running", "Requests a worker is computing",
+                             [*model, "worker"], registry=r)
         self.waiting = Gauge("kvrelay:num_requests_waiting", "Requests queued on a worker (decode: reserved, "
-                             "awaiting their KV)", ["worker"], registry=r)
+                             "awaiting their KV)", [*model, "worker"], registry=r)
         self.kv_usage = Gauge("kvrelay:kv_cache_usage_perc", "Share of a worker's KV blocks in use (1 = full)",
-                              ["worker"], registry=r)
+                              [*model, "worker"], registry=r)
         self.requests: PyCounter[str] = PyCounter()  # by outcome: a finish reason, or an error status name
-        self.totals = PyCounter()  # prompt, cached and completion tokens; ttft_s sum and count
+        self.totals = PyCounter()  # prompt, completion, queried and cached tokens; ttft_s sum and count
         self._preempted: dict[str, int] = {}  # worker -> its count at the last poll
         self._last_log = (time.monotonic(), PyCounter())
 
     # ---- requests -----------------------------------------------------------------------------------------
-    def finished(self, reason: str, prompt: int, cached: int, completion: int, ttft_s: float | None,
-                 queue_s: float, e2e_s: float, itl_s: list[float]) -> None:
-        self.requests[reason] += 1
-        self.success.labels(reason).inc()
+    def admitted(self, prompt: int) -> None:
+        """The orchestrator took a request with `prompt` tokens."""
         self.prompt_tokens.inc(prompt)
-        self.generation_tokens.inc(completion)
+        self.totals.update(prompt=prompt)
+
+    def streamed(self, tokens: int, gap_s: float | None) -> None:
+        """A chunk of `tokens` generated tokens went to the client `gap_s` after the request's previous chunk (None
+        for its first, whose wait is the TTFT). The gap is spread evenly over the chunk's tokens, k observations of
+        g/k, so the histogram is per token as vLLM's is: a chunk carries several tokens when outputs coalesced."""
+        self.generation_tokens.inc(tokens)
+        self.totals.update(completion=tokens)
+        if gap_s is not None and tokens:
+            per_token = gap_s / tokens
+            for _ in range(tokens):
+                self.itl.observe(per_token)
+
+    def finished(self, reason: str, prompt: int, cached: int, ttft_s: float | None, queue_s: float,
+                 e2e_s: float) -> None:
+        self.requests[reason] += 1
+        self.success.labels(self.model_name, reason).inc()
         self.cache_queries.inc(prompt)
         self.cache_hits.inc(cached)
-        self.totals.update(prompt=prompt, cached=cached, completion=completion)
+        self.totals.update(queried=prompt, cached=cached)
         if ttft_s is not None:
             self.ttft.observe(ttft_s)
             self.totals.update(ttft_s=ttft_s, first_tokens=1)
         self.queue.observe(queue_s)
         self.e2e.observe(e2e_s)
-        for gap in itl_s:
-            self.itl.observe(gap)
 
     def failed(self, status: str) -> None:
         self.requests[status] += 1
-        self.errors.labels(status).inc()
+        self.errors.labels(self.model_name, status).inc()
 
     def transferred(self, seconds: float, nbytes: int) -> None:
         self.transfer_time.observe(seconds)
@@ -103,9 +129,9 @@ class RouterMetrics:
     # ---- workers (the load poll) --------------------------------------------------------------------------
     def worker_load(self, name: str, running: int, waiting: int, num_blocks: int, free_blocks: int,
                     preemptions: int) -> None:
-        self.running.labels(name).set(running)
-        self.waiting.labels(name).set(waiting)
-        self.kv_usage.labels(name).set(1.0 - free_blocks / num_blocks if num_blocks else 0.0)
+        self.running.labels(self.model_name, name).set(running)
+        self.waiting.labels(self.model_name, name).set(waiting)
+        self.kv_usage.labels(self.model_name, name).set(1.0 - free_blocks / num_blocks if num_blocks else 0.0)
         last = self._preempted.get(name)
         # A restarted worker counts from 0 again: count what it reports anew, never a negative step.
         step = preemptions - last if last is not None and preemptions >= last else preemptions
@@ -123,7 +149,7 @@ class RouterMetrics:
         return {
             "requests": dict(self.requests),
             "prompt_tokens": t["prompt"], "cached_prompt_tokens": t["cached"], "completion_tokens": t["completion"],
-            "prefix_cache_hit_rate": t["cached"] / t["prompt"] if t["prompt"] else 0.0,
+            "prefix_cache_hit_rate": t["cached"] / t["queried"] if t["queried"] else 0.0,
             "mean_ttft_ms": 1e3 * t["ttft_s"] / t["first_tokens"] if t["first_tokens"] else 0.0,
         }
 
@@ -139,4 +165,4 @@ class RouterMetrics:
         return (f"stats: prompt {(t['prompt'] - before['prompt']) / dt:.1f} tok/s, generation "
                 f"{(t['completion'] - before['completion']) / dt:.1f} tok/s; {running} running, {waiting} waiting "
                 f"on workers, {queued} in the router's line; prefix cache hit "
-                f"{100 * t['cached'] / t['prompt'] if t['prompt'] else 0.0:.1f}%; {ok} finished, {failed} failed")
+                f"{100 * t['cached'] / t['queried'] if t['queried'] else 0.0:.1f}%; {ok} finished, {failed} failed")

@@ -162,14 +162,13 @@ class Orchestrator:
             chunks = self._prefill_only(rid, spec, hashes, out)
         else:
             chunks = self._disaggregated(rid, spec, hashes, out)
-        gaps: list[float] = []  # between consecutive token chunks, as the client receives them
-        last = 0.0
+        self.metrics.admitted(len(spec.prompt_ids))
+        last = 0.0  # when the previous token chunk went out
         try:
             async for c in chunks:
-                if c.token_ids:
+                if c.token_ids:  # counted as streamed, so a request that is cancelled or fails counts its tokens
                     now = time.monotonic()
-                    if last:
-                        gaps.append(now - last)
+                    self.metrics.streamed(len(c.token_ids), now - last if last else None)
                     last = now
                 yield c
         except RequestError as e:
@@ -178,8 +177,8 @@ class Orchestrator:
         # A cancel (the client left, or the server stopped the request) is counted by the intake, which knows which.
         final = out.final()
         self.metrics.finished(final.finish_reason, final.prompt_tokens, final.cached_prompt_tokens,
-                              final.completion_tokens, final.first_token_ms / 1e3 if final.completion_tokens else None,
-                              final.queued_ms / 1e3, final.total_ms / 1e3, gaps)
+                              final.first_token_ms / 1e3 if final.completion_tokens else None,
+                              final.queued_ms / 1e3, final.total_ms / 1e3)
         yield final
 
     async def _prefill_only(self, rid: str, spec: RequestSpec, hashes: list[int],

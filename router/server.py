@@ -62,7 +62,9 @@ class RouterServer:
         self.http = None  # router.http.server.HttpServer when config.http_port is set
         self.port = 0
         self.http_port: int | None = None
-        self.metrics = RouterMetrics()
+        # The name clients use for the model (requests, /v1/models) labels every metric too.
+        self.model_name = config.served_model_name or os.path.basename(os.path.normpath(model.model_dir))
+        self.metrics = RouterMetrics(self.model_name)
         self.serving = False  # the router's own life: started and not stopping
         self.published: bool | None = None  # what grpc.health.v1 says now (SERVING = True)
         self._stats_task: asyncio.Task | None = None
@@ -112,7 +114,7 @@ class RouterServer:
         if not self.port:
             raise OSError(f"could not bind the router to {wanted} (port in use?)")
         if self.config.http_port is not None:
-            await self._start_http(limits)
+            await self._start_http()
         await self.server.start()
         await self._set_health(True)
         self._health_task = asyncio.create_task(self._watch_health())
@@ -122,7 +124,7 @@ class RouterServer:
                  f", HTTP on {self.http_port}" if self.http_port is not None else "")
         return self.port
 
-    async def _start_http(self, limits: ModelLimits) -> None:
+    async def _start_http(self) -> None:
         from router.http.app import build_app  # FastAPI and uvicorn only load for a router that serves HTTP
         from router.http.chat_template import ChatTemplate
         from router.http.frontend import Frontend
@@ -131,7 +133,7 @@ class RouterServer:
 
         template = ChatTemplate.load(self.model.model_dir, self.config.chat_template, self.tokenizer,
                                      self.model.bos_token_id, tuple(self.model.eos_token_ids))
-        front = Frontend(self.intake, self.config.served_model_name or limits.model, template,
+        front = Frontend(self.intake, self.model_name, template,
                          TokenTexts(self.tokenizer), self.config.api_key, self.health_state)
         self.http = HttpServer(build_app(front), self.config.host, self.config.http_port or 0, self.config.tls_cert,
                                self.config.tls_key)

@@ -40,7 +40,8 @@ class LocalSystem:
         return new
 
     def retries(self) -> float:
-        return self.router.metrics.registry.get_sample_value("kvrelay:request_retries_total") or 0.0
+        m = self.router.metrics
+        return m.registry.get_sample_value("kvrelay:request_retries_total", {"model_name": m.model_name}) or 0.0
 
     def wait_free(self, timeout_s: float = 10.0) -> None:
         """Until the decode group and every live prefill worker hold no block and no request."""

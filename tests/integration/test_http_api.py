@@ -5,6 +5,7 @@ seeded) output on the same checkpoint with the same chat template applied; count
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -194,7 +195,8 @@ def test_logprobs_in_both_formats(oai, llm, chat_ids):
 
 
 def moved_since(before: dict, after: dict, name: str, **labels) -> float:
-    key = (name, tuple(sorted(labels.items())))
+    """How far a sample moved; every kvrelay: metric carries the served model's name."""
+    key = (name, tuple(sorted({"model_name": "default_model", **labels}.items())))
     return after.get(key, 0) - before.get(key, 0)
 
 
@@ -361,8 +363,7 @@ def test_a_router_bug_is_an_openai_json_500_and_counted(router, base):
     assert r.status_code == 500 and r.json() == {"error": {
         "message": "internal error in the router: RuntimeError: the health callback broke", "type": "server_error",
         "param": None, "code": None}}
-    key = ("kvrelay:request_errors_total", (("status", "INTERNAL"),))
-    assert scrape(base).get(key, 0) - before.get(key, 0) == 1
+    assert moved_since(before, scrape(base), "kvrelay:request_errors_total", status="INTERNAL") == 1
 
 
 def test_openai_client_errors(oai):
@@ -399,10 +400,49 @@ def test_models_health_and_metrics_counters(base, served):
         assert moved(f"kvrelay:{h}_count") == 2, h
     # 4 layers x 2 KV heads x head_dim 48 x keys and values x float32, per prompt token
     assert moved("kvrelay:kv_transfer_bytes_sum") == 10 * 4 * 2 * 48 * 2 * 4
-    assert moved("kvrelay:inter_token_latency_seconds_count") >= 2  # one per gap between token chunks
+    # One per token after the first (the prefill worker's, alone in its chunk: its wait is the TTFT).
+    assert moved("kvrelay:inter_token_latency_seconds_count") == 2 * 4
     for worker in ("prefill-0", "decode-0"):
         for g in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"):
-            assert (f"kvrelay:{g}", (("worker", worker),)) in after
+            assert (f"kvrelay:{g}", (("model_name", "default_model"), ("worker", worker))) in after
+    assert all(dict(labels).get("model_name") == "default_model" for name, labels in after
+               if name.startswith("kvrelay:")), "every kvrelay: sample carries model_name"
+
+
+def test_tokens_are_counted_as_they_stream_even_when_cancelled(router, base, served):
+    """Two requests finish over HTTP; a third (through the intake, as both fronts run requests) is closed after
+    its first 20 tokens. Prompt tokens count when a request is taken, generation tokens per streamed chunk (the
+    cancelled request's too), inter-token latency once per token after each request's first chunk."""
+    served.wait_all_free()
+    before = scrape(base)
+    for p in ([1, 450, 7, 99], [1, 31, 2000, 5, 6, 77]):
+        r = httpx.post(f"{base}/v1/completions", json={"prompt": p, "max_tokens": 7, "ignore_eos": True}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 7
+
+    async def cancelled() -> list[int]:
+        spec = await router.intake.admit([1, 88, 412, 9, 3], {"max_tokens": 480, "ignore_eos": True})
+        sizes: list[int] = []
+        async with contextlib.aclosing(router.intake.run(spec)) as items:
+            async for item in items:
+                sizes.append(len(item.token_ids))
+                if sum(sizes) >= 20:
+                    break  # closing the stream cancels the request, as a client leaving does
+        return sizes
+
+    sizes = asyncio.run_coroutine_threadsafe(cancelled(), served.loop).result(60)
+    served.wait_all_free()
+    after = scrape(base)
+
+    def moved(name: str, **labels) -> float:
+        return moved_since(before, after, name, **labels)
+
+    assert sum(sizes) < 480 and moved("kvrelay:request_errors_total", status="CANCELLED") == 1
+    assert moved("kvrelay:request_success_total", finished_reason="length") == 2
+    assert moved("kvrelay:prompt_tokens_total") == 4 + 6 + 5
+    assert moved("kvrelay:generation_tokens_total") == 2 * 7 + sum(sizes)
+    assert moved("kvrelay:inter_token_latency_seconds_count") == 2 * 6 + sum(sizes) - sizes[0]
+    assert moved("kvrelay:prefix_cache_queries_total") == 4 + 6  # known once a request finishes
+    assert moved("kvrelay:e2e_request_latency_seconds_count") == 2
 
 
 def test_undecodable_grpc_requests_are_counted(router, base):

@@ -199,12 +199,37 @@ def test_sse_framing():
     assert event({"a": "é"}) == 'data: {"a":"é"}\n\n' and DONE == "data: [DONE]\n\n"
 
 
+def samples_of(m: RouterMetrics) -> dict[tuple[str, tuple], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(m.exposition().decode()) for s in f.samples}
+
+
 def test_preemptions_count_deltas_and_restarts():
-    m = RouterMetrics()
+    m = RouterMetrics("m")
     for n in (0, 3, 3, 5, 1):  # the worker restarted before the last poll and counts from 0 again
         m.worker_load("decode-0", running=2, waiting=1, num_blocks=10, free_blocks=4, preemptions=n)
-    samples = {(s.name, tuple(s.labels.items())): s.value
-               for f in text_string_to_metric_families(m.exposition().decode()) for s in f.samples}
-    assert samples[("kvrelay:num_preemptions_total", ())] == 6
-    assert samples[("kvrelay:kv_cache_usage_perc", (("worker", "decode-0"),))] == pytest.approx(0.6)
-    assert samples[("kvrelay:num_requests_running", (("worker", "decode-0"),))] == 2
+    samples = samples_of(m)
+    worker = (("model_name", "m"), ("worker", "decode-0"))
+    assert samples[("kvrelay:num_preemptions_total", (("model_name", "m"),))] == 6
+    assert samples[("kvrelay:kv_cache_usage_perc", worker)] == pytest.approx(0.6)
+    assert samples[("kvrelay:num_requests_running", worker)] == 2
+
+
+def test_streamed_chunks_count_tokens_and_spread_their_gap_per_token():
+    """A chunk of k tokens after a gap g is k inter-token latencies of g/k; a request's first chunk (its wait is
+    the TTFT) adds tokens but no latency. Every metric carries the model's name."""
+    m = RouterMetrics("my-model")
+    m.admitted(9)
+    m.streamed(2, None)
+    m.streamed(4, 0.012)  # 4 gaps of 3 ms
+    m.streamed(1, 0.02)
+    s = samples_of(m)
+    model = (("model_name", "my-model"),)
+    assert s[("kvrelay:prompt_tokens_total", model)] == 9 and s[("kvrelay:generation_tokens_total", model)] == 7
+    itl = "kvrelay:inter_token_latency_seconds"
+    assert s[(f"{itl}_count", model)] == 5 and s[(f"{itl}_sum", model)] == pytest.approx(0.032)
+    assert s[(f"{itl}_bucket", (("le", "0.0025"), *model))] == 0
+    assert s[(f"{itl}_bucket", (("le", "0.005"), *model))] == 4
+    assert s[(f"{itl}_bucket", (("le", "0.02"), *model))] == 5
+    assert m.snapshot()["prompt_tokens"] == 9 and m.snapshot()["completion_tokens"] == 7
+    assert s and all(dict(labels)["model_name"] == "my-model" for _, labels in s)
