@@ -18,6 +18,8 @@ from router.orchestrator import Orchestrator
 from router.requests import FieldError, ModelLimits, RequestSpec, validate
 
 log = logging.getLogger("kvrelay.router")
+# Token-id prompts longer than this are validated on a thread; shorter ones take well under a millisecond.
+OFF_LOOP_PROMPT_IDS = 4096
 
 
 class Intake:
@@ -40,10 +42,11 @@ class Intake:
     async def admit(self, prompt: str | list[int] | None, sampling: dict[str, Any],
                     request_id: str = "") -> RequestSpec:
         """A validated request, its id now live; RequestError(INVALID_ARGUMENT | ALREADY_EXISTS) otherwise.
-        Text is tokenized on a thread: a long prompt must not stall every other stream on this loop."""
+        Text is tokenized, and many token ids checked, on a thread: a long prompt must not stall every other
+        stream on this loop (the checks are Python loops, which yield the GIL to the loop as they go)."""
         rid = request_id or f"req-{uuid.uuid4().hex[:16]}"
         try:
-            if isinstance(prompt, str):
+            if isinstance(prompt, str) or (prompt is not None and len(prompt) > OFF_LOOP_PROMPT_IDS):
                 spec = await asyncio.to_thread(validate, prompt, sampling, rid, self.limits, self.tokenizer)
             else:
                 spec = validate(prompt, sampling, rid, self.limits, self.tokenizer)

@@ -7,7 +7,7 @@ import json
 
 from fastapi.responses import JSONResponse
 
-from router.errors import RequestError
+from router.errors import INVALID_ARGUMENT, RequestError
 
 # status name -> (HTTP status, OpenAI error type, OpenAI error code)
 STATUSES: dict[str, tuple[int, str, str | None]] = {
@@ -22,6 +22,13 @@ STATUSES: dict[str, tuple[int, str, str | None]] = {
 }
 
 
+class PayloadTooLarge(RequestError):
+    """A request body over the size limit: HTTP 413 (no gRPC status is this; counted as INVALID_ARGUMENT)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(INVALID_ARGUMENT, message)
+
+
 def error_body(e: RequestError) -> dict:
     _, kind, code = STATUSES.get(e.code, STATUSES["INTERNAL"])
     if e.code == "NOT_FOUND" and e.param == "model":  # the code names the cause: here an unknown model
@@ -30,7 +37,7 @@ def error_body(e: RequestError) -> dict:
 
 
 def error_response(e: RequestError) -> JSONResponse:
-    status = STATUSES.get(e.code, STATUSES["INTERNAL"])[0]
+    status = 413 if isinstance(e, PayloadTooLarge) else STATUSES.get(e.code, STATUSES["INTERNAL"])[0]
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return JSONResponse(error_body(e), status_code=status, headers=headers)
 

@@ -12,13 +12,13 @@ from pydantic import BaseModel, ValidationError
 
 from router.auth import check_key
 from router.errors import INVALID_ARGUMENT, UNAUTHENTICATED, RequestError
+from router.http.body import parse_body, read_body
 from router.http.chat_template import ChatTemplate
 from router.http.logprobs import TokenTexts
 from router.http.schemas import describe_error
 from router.intake import Intake
 
 M = TypeVar("M", bound=BaseModel)
-MAX_BODY_BYTES = 64 << 20  # a request body larger than this is refused before it is parsed
 
 
 @dataclass
@@ -39,15 +39,12 @@ class Frontend:
             raise RequestError(UNAUTHENTICATED, problem)
 
     async def parse(self, request: Request, model: type[M]) -> M:
-        """The body as `model`, or INVALID_ARGUMENT naming the field and what it must be."""
+        """The body as `model`, or INVALID_ARGUMENT naming the field and what it must be (413 when it is over
+        router.http.body.MAX_BODY_BYTES). Large bodies are parsed off the event loop."""
         self.authorize(request)
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
-            raise RequestError(INVALID_ARGUMENT, f"the request body is {int(size)} bytes; at most {MAX_BODY_BYTES} "
-                               "are accepted")
-        body = await request.body()
+        body = await read_body(request)
         try:
-            return model.model_validate_json(body)
+            return await parse_body(body, model)
         except ValidationError as e:
             message, param = describe_error(e)
             raise RequestError(INVALID_ARGUMENT, message, param) from None

@@ -338,6 +338,34 @@ def test_not_json_and_unknown_route(base):
     assert r.json()["error"]["code"] is None and r.json()["error"]["param"] is None  # not an unknown model
 
 
+def test_body_size_is_capped_while_reading_even_chunked(base):
+    """A chunked body (no Content-Length) one byte over 8 MiB is 413 with OpenAI's error JSON, counted; one of
+    exactly 8 MiB is served (parsed off the loop: it is over 256 KiB)."""
+    def chunked(payload: bytes, size: int):  # a generator body: httpx sends it with Transfer-Encoding: chunked
+        yield payload
+        left = size - len(payload)
+        while left > 0:
+            piece = min(left, 1 << 16)
+            yield b" " * piece
+            left -= piece
+
+    limit = 8 << 20
+    payload = json.dumps({"prompt": [1, 450, 7], "max_tokens": 2}).encode()
+    before = scrape(base)
+    r = httpx.post(f"{base}/v1/completions", content=chunked(payload, limit + 1),
+                   headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 413, r.text
+    assert r.request.headers.get("transfer-encoding") == "chunked" and "content-length" not in r.request.headers
+    assert r.json() == {"error": {"message": f"the request body is over {limit} bytes; at most {limit} bytes (8 MiB) "
+                                  "are accepted: send a shorter prompt, or fewer prompts per request",
+                                  "type": "invalid_request_error", "param": None, "code": None}}
+    assert moved_since(before, scrape(base), "kvrelay:request_errors_total", status="INVALID_ARGUMENT") == 1
+    r = httpx.post(f"{base}/v1/completions", content=chunked(payload, limit),
+                   headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"] == {
+        "prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5, "prompt_tokens_details": {"cached_tokens": 0}}
+
+
 def test_content_parts_and_chat_template_kwargs_cannot_replace_the_messages(base, llm):
     """Text parts are joined with newlines (as vLLM does); chat_template_kwargs cannot replace the messages."""
     ids = hf_chat_ids([MESSAGES[0], {"role": "user", "content": "Return a\nlist of"}])

@@ -18,6 +18,7 @@ from deploy import DEFAULT_MODEL_DIR
 from engine.outputs import Logprob
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from router.client_stream import Chunk, Final
+from router.errors import RequestError
 from router.http.chat_template import ChatTemplate, chat_prompt_ids
 from router.http.formats import ChatFormat, CompletionFormat
 from router.http.logprobs import TokenTexts
@@ -233,3 +234,33 @@ def test_streamed_chunks_count_tokens_and_spread_their_gap_per_token():
     assert s[(f"{itl}_bucket", (("le", "0.02"), *model))] == 5
     assert m.snapshot()["prompt_tokens"] == 9 and m.snapshot()["completion_tokens"] == 7
     assert s and all(dict(labels)["model_name"] == "my-model" for _, labels in s)
+
+
+@pytest.mark.parametrize("body", [
+    b'{"prompt": [1, 2, 3], "max_tokens": 4, "stream": true, "stream_options": {"include_usage": true}}',
+    b'{"prompt": ["a", "b"], "temperature": 1}', b'{"prompt": [[1, 2], [3]]}', b'{"prompt": [1, "a"]}',
+    b'{"prompt": "x", "max_tokens": 5.0}', b'{"prompt": "x", "max_tokens": true}', b'[1]', b'{"prompt": "x",}',
+    b'{"prompt": "\\u00e9\\n"}', b'{"prompt": "x", "n": null}', b'\xff{}',
+    b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}], "name": "n"}]}',
+    b'{"messages": [{"role": "user", "content": 3}]}',
+])
+def test_large_body_parse_accepts_and_refuses_what_the_small_one_does(body, monkeypatch):
+    """Bodies over OFF_LOOP_BYTES take the thread and the pure-Python scanner: same requests, same errors."""
+    import router.http.body as body_mod
+
+    model = ChatCompletionRequest if b"messages" in body else CompletionRequest
+
+    def outcome() -> tuple:
+        try:
+            return ("ok", asyncio.run(body_mod.parse_body(body, model)).model_dump())
+        except ValidationError as e:
+            return ("invalid", describe_error(e))
+        except RequestError as e:
+            return ("not json", e.code, e.message.split(":")[0])
+
+    small = outcome()
+    monkeypatch.setattr(body_mod, "OFF_LOOP_BYTES", 0)
+    large = outcome()
+    if small[0] == "invalid" and small[1][0].startswith("the request body is not valid JSON"):
+        small = ("not json", "INVALID_ARGUMENT", "the request body is not valid JSON")  # the two parsers' words
+    assert large == small
