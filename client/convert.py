@@ -57,7 +57,8 @@ def chunk(msg: pb.TokenChunk) -> Chunk:
 
 def final(msg: pb.Final) -> Final:
     u, t = msg.usage, msg.timings
-    return Final(msg.request_id, msg.finish_reason, Usage(u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens),
+    return Final(msg.request_id, msg.finish_reason, Usage(u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens,
+                                                           u.decode_cached_prompt_tokens),
                  Timings(t.queued_ms, t.first_token_ms, t.kv_landed_ms, t.total_ms))
 
 

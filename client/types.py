@@ -28,7 +28,8 @@ class Chunk:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
-    cached_prompt_tokens: int  # prompt tokens served from the prefix cache
+    cached_prompt_tokens: int  # prompt tokens served from the prefill side's prefix cache
+    decode_cached_prompt_tokens: int = 0  # prompt tokens whose KV the decode group held already (not transferred)
 
 
 @dataclass

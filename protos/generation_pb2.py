@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protos/generation.proto\x12\nkvrelay.v1\"\xd2\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\rH\x05\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\n \x01(\x08H\x06\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seedB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokens\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x98\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x14.kvrelay.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.kvrelay.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\x08\n\x06prompt\"L\n\x0cTokenLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x02 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x02\"Y\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12*\n\x08logprobs\x18\x03 \x03(\x0b\x32\x18.kvrelay.v1.TokenLogprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\\\n\x07Timings\x12\x11\n\tqueued_ms\x18\x01 \x01(\x01\x12\x16\n\x0e\x66irst_token_ms\x18\x02 \x01(\x01\x12\x14\n\x0ckv_landed_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"z\n\x05\x46inal\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.kvrelay.v1.Usage\x12$\n\x07timings\x18\x04 \x01(\x0b\x32\x13.kvrelay.v1.Timings\"g\n\x10GenerateResponse\x12\'\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x16.kvrelay.v1.TokenChunkH\x00\x12\"\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x11.kvrelay.v1.FinalH\x00\x42\x06\n\x04kind\"\x15\n\x13GetModelInfoRequest\"\xc7\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x15\n\rhas_tokenizer\x18\x05 \x01(\x08\x12\x17\n\x0fprefill_workers\x18\x06 \x01(\r\x12\x15\n\rdecode_groups\x18\x07 \x01(\r\x12#\n\x1b\x64\x65\x63ode_tensor_parallel_size\x18\x08 \x01(\r2\x9d\x01\n\nGeneration\x12G\n\x08Generate\x12\x1b.kvrelay.v1.GenerateRequest\x1a\x1c.kvrelay.v1.GenerateResponse0\x01\x12\x46\n\x0cGetModelInfo\x12\x1f.kvrelay.v1.GetModelInfoRequest\x1a\x15.kvrelay.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protos/generation.proto\x12\nkvrelay.v1\"\xd2\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\rH\x05\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\n \x01(\x08H\x06\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seedB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokens\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x98\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x14.kvrelay.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.kvrelay.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\x08\n\x06prompt\"L\n\x0cTokenLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x02 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x02\"Y\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12*\n\x08logprobs\x18\x03 \x03(\x0b\x32\x18.kvrelay.v1.TokenLogprob\"|\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\x12#\n\x1b\x64\x65\x63ode_cached_prompt_tokens\x18\x04 \x01(\r\"\\\n\x07Timings\x12\x11\n\tqueued_ms\x18\x01 \x01(\x01\x12\x16\n\x0e\x66irst_token_ms\x18\x02 \x01(\x01\x12\x14\n\x0ckv_landed_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"z\n\x05\x46inal\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.kvrelay.v1.Usage\x12$\n\x07timings\x18\x04 \x01(\x0b\x32\x13.kvrelay.v1.Timings\"g\n\x10GenerateResponse\x12\'\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x16.kvrelay.v1.TokenChunkH\x00\x12\"\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x11.kvrelay.v1.FinalH\x00\x42\x06\n\x04kind\"\x15\n\x13GetModelInfoRequest\"\xc7\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x15\n\rhas_tokenizer\x18\x05 \x01(\x08\x12\x17\n\x0fprefill_workers\x18\x06 \x01(\r\x12\x15\n\rdecode_groups\x18\x07 \x01(\r\x12#\n\x1b\x64\x65\x63ode_tensor_parallel_size\x18\x08 \x01(\r2\x9d\x01\n\nGeneration\x12G\n\x08Generate\x12\x1b.kvrelay.v1.GenerateRequest\x1a\x1c.kvrelay.v1.GenerateResponse0\x01\x12\x46\n\x0cGetModelInfo\x12\x1f.kvrelay.v1.GetModelInfoRequest\x1a\x15.kvrelay.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,17 +42,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENCHUNK']._serialized_start=638
   _globals['_TOKENCHUNK']._serialized_end=727
   _globals['_USAGE']._serialized_start=729
-  _globals['_USAGE']._serialized_end=816
-  _globals['_TIMINGS']._serialized_start=818
-  _globals['_TIMINGS']._serialized_end=910
-  _globals['_FINAL']._serialized_start=912
-  _globals['_FINAL']._serialized_end=1034
-  _globals['_GENERATERESPONSE']._serialized_start=1036
-  _globals['_GENERATERESPONSE']._serialized_end=1139
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1141
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1162
-  _globals['_MODELINFO']._serialized_start=1165
-  _globals['_MODELINFO']._serialized_end=1364
-  _globals['_GENERATION']._serialized_start=1367
-  _globals['_GENERATION']._serialized_end=1524
+  _globals['_USAGE']._serialized_end=853
+  _globals['_TIMINGS']._serialized_start=855
+  _globals['_TIMINGS']._serialized_end=947
+  _globals['_FINAL']._serialized_start=949
+  _globals['_FINAL']._serialized_end=1071
+  _globals['_GENERATERESPONSE']._serialized_start=1073
+  _globals['_GENERATERESPONSE']._serialized_end=1176
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1178
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1199
+  _globals['_MODELINFO']._serialized_start=1202
+  _globals['_MODELINFO']._serialized_end=1401
+  _globals['_GENERATION']._serialized_start=1404
+  _globals['_GENERATION']._serialized_end=1561
 # @@protoc_insertion_point(module_scope)

@@ -36,6 +36,7 @@ class Final:
     first_token_ms: float
     kv_landed_ms: float
     total_ms: float
+    decode_cached_prompt_tokens: int = 0  # prompt tokens whose KV the decode group held already (not transferred)
 
 
 class ClientStream:
@@ -47,6 +48,7 @@ class ClientStream:
         self.received = 0  # completion tokens accounted so far
         self.reason: str | None = None
         self.cached_tokens = 0
+        self.decode_cached_tokens = 0  # prompt tokens the decode group held already (disaggregated requests)
         self.queued_ms = self.first_token_ms = self.landed_ms = 0.0
         self._lp_sent = 0
 
@@ -81,7 +83,8 @@ class ClientStream:
     def final(self) -> Final:
         assert self.reason is not None
         return Final(self.spec.request_id, self.reason, len(self.spec.prompt_ids), len(self.state.token_ids),
-                     self.cached_tokens, self.queued_ms, self.first_token_ms, self.landed_ms, self.ms())
+                     self.cached_tokens, self.queued_ms, self.first_token_ms, self.landed_ms, self.ms(),
+                     self.decode_cached_tokens)
 
 
 async def relay(events: AsyncIterator[Tokens | Finished], group: str, out: ClientStream) -> AsyncIterator[Chunk]:

@@ -201,6 +201,7 @@ class Orchestrator:
         placement, outcome, queued_s = await self._place_and_prefill(rid, spec, hashes)
         rid, d = placement.request_id, placement.decode
         out.queued_ms, out.cached_tokens = queued_s * 1e3, outcome.cached_tokens
+        out.decode_cached_tokens = placement.skip_blocks * self.block_size
         try:
             if out.add(outcome.first_token, outcome.logprob):  # a stop string already: nothing to decode
                 if (c := out.chunk()) is not None:

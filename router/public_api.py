@@ -32,7 +32,8 @@ def response(item: Chunk | Final) -> pb.GenerateResponse:
     return pb.GenerateResponse(final=pb.Final(
         request_id=item.request_id, finish_reason=item.finish_reason,
         usage=pb.Usage(prompt_tokens=item.prompt_tokens, completion_tokens=item.completion_tokens,
-                       cached_prompt_tokens=item.cached_prompt_tokens),
+                       cached_prompt_tokens=item.cached_prompt_tokens,
+                       decode_cached_prompt_tokens=item.decode_cached_prompt_tokens),
         timings=pb.Timings(queued_ms=item.queued_ms, first_token_ms=item.first_token_ms,
                            kv_landed_ms=item.kv_landed_ms, total_ms=item.total_ms)))
 

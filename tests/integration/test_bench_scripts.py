@@ -54,3 +54,15 @@ def test_prefill_speed_dry_run(tmp_path):
         assert r["roofline_ms"] == pytest.approx(flops / (res["matmul_tflops"] * 1e12) * 1e3)
         assert r["frac_of_roofline"] == pytest.approx(r["roofline_ms"] / r["ms"])
         assert r["hf_ms"] > 0 and r["speedup_vs_hf"] == pytest.approx(r["hf_ms"] / r["ms"])
+
+
+def test_shared_prefix_scenario_runs_many_requests_at_once(tmp_path):
+    """16 requests sharing a 600-token system prompt on a 64-block decode pool: with decode-side prefix sharing
+    the group runs at least 8 at once (each private copy would take 38 blocks: 1 at once), every request
+    completes with LLM's tokens, and every block comes back."""
+    out = tmp_path / "sp.json"
+    subprocess.run([sys.executable, "-m", "bench.shared_prefix", "--requests", "16", "--gen", "64", "--check",
+                    "--out", str(out)], check=True, timeout=600)
+    r = json.loads(out.read_text())
+    assert r["peak_running"] >= 8 and r["statuses"] == {"OK": 16} and r["equal_to_llm"] == 16
+    assert r["decode_blocks_back"] and r["decode_prefix_hit_rate"] > 0.85

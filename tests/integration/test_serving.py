@@ -94,6 +94,9 @@ def test_prefix_cache_hits_in_usage(llm, client, served):
     assert a.token_ids == refs[0].token_ids and b.token_ids == refs[1].token_ids
     assert b.usage.cached_prompt_tokens >= 48 and b.usage.cached_prompt_tokens % 16 == 0, b.usage
     assert b.usage.cached_prompt_tokens < b.usage.prompt_tokens
+    # The decode group shares the prefix A left in its cache: those blocks were not sent again.
+    d = b.usage.decode_cached_prompt_tokens
+    assert d >= 48 and d % 16 == 0 and d < b.usage.prompt_tokens, b.usage
     served.wait_all_free()
 
 
