@@ -2,13 +2,16 @@
 
     python -m bench.kv_transfer --tokens 1024 4096 16384 --out bench/results/kv_transfer.json   # 2 GPUs
     python -m bench.kv_transfer --device cpu --shape tiny --tokens 64 256                         # dry run, gloo
+    python -m bench.kv_transfer --workload shared-prefix --device cpu --shape tiny   # multi-turn, sharing on/off
 
 Llama-3.1-8B shape, random bfloat16 weights (load_format="dummy"). For each prompt length N, in one run:
   raw       one contiguous buffer of the request's KV bytes, send/recv over a private 2-rank NCCL group
   transfer  the connector sending an already-computed request's blocks layer by layer (no compute)
   prefill   one prefill step of N tokens with no transfer
   overlap   the same step sending each layer as soon as it is written (step ends when every send completed)
-Reported: transfer bandwidth / raw bandwidth, and (prefill + transfer) / prefill alone.
+Reported: transfer bandwidth / raw bandwidth, and (prefill + transfer) / prefill alone. `--workload shared-prefix`
+instead measures bytes and time of a multi-turn workload with and without decode-side prefix sharing
+(bench/kv_transfer_prefix.py).
 """
 
 from __future__ import annotations
@@ -175,7 +178,26 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 16384])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default="bench/results/kv_transfer.json")
+    ap.add_argument("--workload", choices=["raw", "shared-prefix"], default="raw")
+    ap.add_argument("--conversations", type=int, default=4, help="shared-prefix: conversations")
+    ap.add_argument("--turns", type=int, default=4, help="shared-prefix: turns per conversation")
+    ap.add_argument("--system-len", type=int, default=512, help="shared-prefix: shared system prompt tokens")
+    ap.add_argument("--turn-len", type=int, default=48, help="shared-prefix: user tokens per turn")
+    ap.add_argument("--gen", type=int, default=32, help="shared-prefix: tokens generated per turn")
+    ap.add_argument("--num-blocks", type=int, default=512, help="shared-prefix: KV blocks per engine")
+    ap.add_argument("--max-model-len", type=int, default=4096, help="shared-prefix: longest conversation")
     args = ap.parse_args()
+    if args.workload == "shared-prefix":
+        from bench.kv_transfer_prefix import report
+
+        with tempfile.TemporaryDirectory() as d:
+            write_config(d, args.shape, args.dtype)
+            rows = report(d, args)
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(dict(workload="shared-prefix", shape=args.shape, dtype=args.dtype, device=args.device,
+                           rows=rows, date=time.strftime("%Y-%m-%d")), f, indent=2)
+        return
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as d:
         write_config(d, args.shape, args.dtype)

@@ -66,3 +66,19 @@ def test_shared_prefix_scenario_runs_many_requests_at_once(tmp_path):
     r = json.loads(out.read_text())
     assert r["peak_running"] >= 8 and r["statuses"] == {"OK": 16} and r["equal_to_llm"] == 16
     assert r["decode_blocks_back"] and r["decode_prefix_hit_rate"] > 0.85
+
+
+def test_kv_transfer_shared_prefix_workload_dry_run(tmp_path):
+    """Multi-turn conversations over one system prompt: with decode-side sharing only the blocks the decode engine
+    lacks travel (the script itself fails if the tokens differ between sharing on and off)."""
+    out = tmp_path / "kvp.json"
+    subprocess.run([sys.executable, "-m", "bench.kv_transfer", "--workload", "shared-prefix", "--device", "cpu",
+                    "--shape", "tiny", "--dtype", "float32", "--conversations", "2", "--turns", "3",
+                    "--system-len", "128", "--turn-len", "16", "--gen", "8", "--out", str(out)],
+                   check=True, timeout=300)
+    off, on = json.loads(out.read_text())["rows"]
+    assert (off["sharing"], on["sharing"]) == (False, True) and off["requests"] == on["requests"] == 6
+    assert off["blocks_reused"] == 0 and on["blocks_reused"] > 0
+    # Every block reused is one block less on the wire: tiny shape, 4 layers x K,V x 16 tokens x 2 KV heads x 32
+    # dims x 4 bytes.
+    assert off["bytes_sent"] - on["bytes_sent"] == on["blocks_reused"] * 4 * 2 * 16 * 2 * 32 * 4
