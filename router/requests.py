@@ -81,8 +81,10 @@ def validate(prompt: str | list[int] | None, sampling: dict[str, Any], request_i
         ids = tokenizer.encode(prompt)
     else:
         ids = list(prompt)
-        bad = [t for t in ids if t >= limits.vocab_size]
-        if bad:
+        # max() first: one C call, where a Python scan would hand the GIL around (admit runs long prompts on a
+        # thread next to the event loop).
+        if ids and max(ids) >= limits.vocab_size:
+            bad = [t for t in ids if t >= limits.vocab_size]
             raise FieldError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {limits.vocab_size})",
                              "prompt")
     if not ids:
