@@ -26,7 +26,7 @@ SERVE_FLAGS: list[tuple[str, type, str]] = [
     ("max-num-seqs", int, "requests a decode group runs at once (default 256)"),
     ("max-num-batched-tokens", int, "prefill tokens per step; longer prompts are chunked (default 2048)"),
     ("max-queued-requests", int, "requests that may wait for KV room before RESOURCE_EXHAUSTED (default 512)"),
-    ("queue-timeout-s", float, "how long a request may wait for KV room (default 120)"),
+    ("queue-timeout-s", float, "how long a request may wait while no KV room frees up (default 120)"),
     ("transfer-timeout-s", float, "how long a prompt's KV may take to reach its decode group (default 60)"),
     ("routing-policy", str, "cache_aware | least_loaded | round_robin (default cache_aware)"),
     ("startup-timeout-s", float, "how long workers may take to load (default 600)"),

@@ -2,7 +2,9 @@
 
 A request first tries to get room at once, unless others are already waiting (first come, first served). Only
 the head of the line retries, whenever room may have freed (`notify`, e.g. a request finished) or every poll
-interval. A full line, or no room within the timeout, is RESOURCE_EXHAUSTED: bounded memory, never a crash.
+interval. A full line is RESOURCE_EXHAUSTED at once; a waiter is RESOURCE_EXHAUSTED only when nothing freed room
+for the timeout (no `notify` since it joined, or since the last one): while running requests still finish, the
+line waits rather than fails. Bounded memory, never a crash.
 """
 
 from __future__ import annotations
@@ -24,13 +26,15 @@ class WaitingRoom:
     def __init__(self, max_waiting: int, poll_s: float = 0.05) -> None:
         self.max_waiting, self.poll_s = max_waiting, poll_s
         self._line: deque[asyncio.Event] = deque()
+        self._last_freed = time.monotonic()  # the last notify: progress that may make room
 
     @property
     def waiting(self) -> int:
         return len(self._line)
 
     def notify(self) -> None:
-        """Room may have freed: the head of the line tries again now."""
+        """Room may have freed: the head of the line tries again now, and every waiter's timeout starts over."""
+        self._last_freed = time.monotonic()
         if self._line:
             self._line[0].set()
 
@@ -47,7 +51,6 @@ class WaitingRoom:
         me = asyncio.Event()
         self._line.append(me)
         start = time.monotonic()
-        deadline = start + timeout_s
         try:
             while True:
                 while self._line[0] is not me:
@@ -56,7 +59,7 @@ class WaitingRoom:
                 got = await attempt()
                 if got is not None:
                     return got, time.monotonic() - start
-                remaining = deadline - time.monotonic()
+                remaining = max(start, self._last_freed) + timeout_s - time.monotonic()
                 if remaining <= 0:
                     raise RequestError(RESOURCE_EXHAUSTED, f"no KV cache room freed up within {timeout_s:.0f} s; "
                                        "retry later or send fewer concurrent requests")

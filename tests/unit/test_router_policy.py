@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -120,6 +121,25 @@ def test_waiting_room_is_fifo_bounded_and_times_out():
         with pytest.raises(RequestError) as e:  # nothing frees up in time
             await room.acquire(res.attempt, 0.05)
         assert "within" in e.value.message and room.waiting == 0
+
+    asyncio.run(run())
+
+
+def test_waiting_room_waits_while_room_keeps_freeing_and_times_out_once_it_stops():
+    async def run():
+        res, room = Room(0), WaitingRoom(max_waiting=4, poll_s=0.01)
+        waiter = asyncio.create_task(room.acquire(res.attempt, 0.1))
+        for _ in range(5):  # 0.25 s in line, but something finished every 0.05 s: no timeout
+            await asyncio.sleep(0.05)
+            room.notify()
+            assert not waiter.done()
+        res.free = 1
+        seat, waited = await waiter
+        assert seat == "seat" and waited >= 0.25
+        t = time.monotonic()
+        with pytest.raises(RequestError, match="within"):  # nothing freed: the timeout runs out
+            await room.acquire(res.attempt, 0.1)
+        assert 0.09 < time.monotonic() - t < 0.5
 
     asyncio.run(run())
 
