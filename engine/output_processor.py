@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from engine.outputs import Logprob
 from engine.sampling_params import SamplingParams
-from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from engine.tokenizer import Tokenizer, detokenizer
 
 
 class OutputState:
@@ -17,7 +17,8 @@ class OutputState:
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer | None) -> None:
         self.params = params
-        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids, params.skip_special_tokens) if tokenizer else None
+        # The detokenizer keeps a few tokens of context and no text: `text` is the one copy of the output's text.
+        self.detok = detokenizer(tokenizer, prompt_ids, params.skip_special_tokens) if tokenizer else None
         self.token_ids: list[int] = []  # generated so far
         self.text = ""
         self.stopped = False  # a stop string matched: the request must end with finish_reason "stop"

@@ -4,6 +4,7 @@ finish reason, usage, timings) and `relay`, which follows a decode group's event
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -90,7 +91,35 @@ class ClientStream:
 async def relay(events: AsyncIterator[Tokens | Finished], group: str, out: ClientStream) -> AsyncIterator[Chunk]:
     """Follow a decode group's events into `out` until the request is finished (by the group, or by a stop
     string here: the caller then cancels the call). Tokens `out` already has (the first one, from the prefill
-    worker) are skipped. A failed or aborted stream is the client's UNAVAILABLE."""
+    worker) are skipped. A failed or aborted stream is the client's UNAVAILABLE.
+
+    Reading runs ahead of the client: a task feeds `out` while the previous chunk is being written, and the next
+    chunk carries everything that came meanwhile. Under load (a slow client, a busy loop) a chunk carries several
+    tokens and the client costs one write per chunk, not per token; when idle, each token goes out as it comes."""
+    ready = asyncio.Event()
+    reader = asyncio.ensure_future(_read(events, group, out, ready))
+    try:
+        while True:
+            await ready.wait()
+            ready.clear()
+            while (c := out.chunk()) is not None:  # what came while a chunk was written goes out next
+                yield c
+            if out.reason is not None:
+                return
+            if reader.done():
+                reader.result()  # raises why the stream ended
+                raise RequestError(UNAVAILABLE, f"decode group {group} ended the stream without finishing the "
+                                   "request")
+    finally:
+        reader.cancel()
+        if reader.done() and not reader.cancelled():
+            reader.exception()  # retrieved: a failure after the client left is no one's to report
+
+
+async def _read(events: AsyncIterator[Tokens | Finished], group: str, out: ClientStream,
+                ready: asyncio.Event) -> None:
+    """Account each event into `out` and wake the writer; ends when the request is finished or the stream
+    ends (the writer then sees why)."""
     try:
         async for ev in events:
             if isinstance(ev, Tokens):
@@ -106,10 +135,10 @@ async def relay(events: AsyncIterator[Tokens | Finished], group: str, out: Clien
                                        f"{ev.error or 'no reason given'}")
                 out.cached_tokens = out.cached_tokens or ev.cached_prompt_tokens
                 out.finish(ev.finish_reason)
-            if (c := out.chunk()) is not None:
-                yield c
+            ready.set()
             if out.reason is not None:
                 return
     except WorkerError as e:
         raise RequestError(UNAVAILABLE, f"decode group {group} failed: {e.details}") from None
-    raise RequestError(UNAVAILABLE, f"decode group {group} ended the stream without finishing the request")
+    finally:
+        ready.set()

@@ -43,6 +43,10 @@ class RouterConfig:
     chat_template: str | None = None
     # How often the router logs its one-line stats at info level; 0 = never.
     stats_log_interval_s: float = 10.0
+    # Text prompts (and chat messages) longer than this many characters are refused before they are tokenized.
+    # None = the most characters a prompt that fits can have: prompt tokens allowed x the longest vocabulary
+    # entry (exact for tokenizers that keep every character, as the Llama family's do; set it for others).
+    max_prompt_chars: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -73,5 +77,7 @@ class RouterConfig:
                 raise ValueError(f"{name} {path!r} is not a file")
         if self.served_model_name is not None and not self.served_model_name.strip():
             raise ValueError("served_model_name must not be empty")
+        if self.max_prompt_chars is not None and self.max_prompt_chars < 1:
+            raise ValueError(f"max_prompt_chars must be >= 1, got {self.max_prompt_chars}")
         if self.stats_log_interval_s < 0:
             raise ValueError(f"stats_log_interval_s must be >= 0, got {self.stats_log_interval_s}")

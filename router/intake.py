@@ -18,8 +18,10 @@ from router.orchestrator import Orchestrator
 from router.requests import FieldError, ModelLimits, RequestSpec, validate
 
 log = logging.getLogger("kvrelay.router")
-# Token-id prompts longer than this are validated on a thread; shorter ones take well under a millisecond.
+# Token-id prompts longer than this are validated on a thread, and text prompts of this many characters or more
+# tokenized on one; shorter ones take well under a millisecond, less than the hand-off to a thread.
 OFF_LOOP_PROMPT_IDS = 4096
+OFF_LOOP_TEXT_CHARS = 4096
 
 
 class Intake:
@@ -42,11 +44,17 @@ class Intake:
     async def admit(self, prompt: str | list[int] | None, sampling: dict[str, Any],
                     request_id: str = "") -> RequestSpec:
         """A validated request, its id now live; RequestError(INVALID_ARGUMENT | ALREADY_EXISTS) otherwise.
-        Text is tokenized, and many token ids checked, on a thread: a long prompt must not stall every other
-        stream on this loop (the checks are Python loops, which yield the GIL to the loop as they go)."""
+        Text over the size limit is refused at once, before any tokenizing. Long text is tokenized, and many
+        token ids checked, on a thread: a long prompt must not stall every other stream on this loop (the
+        tokenizer runs with the GIL released; the checks are C calls or Python loops that yield it as they go)."""
         rid = request_id or f"req-{uuid.uuid4().hex[:16]}"
+        limit = self.limits.max_prompt_chars
         try:
-            if isinstance(prompt, str) or (prompt is not None and len(prompt) > OFF_LOOP_PROMPT_IDS):
+            if isinstance(prompt, str):
+                off_loop = OFF_LOOP_TEXT_CHARS <= len(prompt) and (limit is None or len(prompt) <= limit)
+            else:
+                off_loop = prompt is not None and len(prompt) > OFF_LOOP_PROMPT_IDS
+            if off_loop:
                 spec = await asyncio.to_thread(validate, prompt, sampling, rid, self.limits, self.tokenizer)
             else:
                 spec = validate(prompt, sampling, rid, self.limits, self.tokenizer)

@@ -45,6 +45,14 @@ class ModelLimits:
     max_model_len: int  # prompt + generated tokens at most (already capped by the decode groups' KV pools)
     eos_token_ids: tuple[int, ...]
     max_prompt_len: int | None = None  # prompt tokens at most (a prefill worker's pool); None = max_model_len - 1
+    max_prompt_chars: int | None = None  # characters of a text prompt at most, checked before tokenizing; None: any
+
+    def check_text_size(self, chars: int, what: str = "the text prompt", param: str = "prompt") -> None:
+        """Refuse text over `max_prompt_chars` before any tokenizing: a length check costs nothing, while
+        tokenizing megabytes takes seconds, for a prompt whose tokens could never fit."""
+        if self.max_prompt_chars is not None and chars > self.max_prompt_chars:
+            raise FieldError(f"{what} has {chars} characters; at most {self.max_prompt_chars} are accepted "
+                             f"(max_prompt_chars): shorten it", param)
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,7 @@ def validate(prompt: str | list[int] | None, sampling: dict[str, Any], request_i
                              "prompt")
         if not prompt:
             raise FieldError("the prompt is empty", "prompt")
+        limits.check_text_size(len(prompt))
         ids = tokenizer.encode(prompt)
     else:
         ids = list(prompt)

@@ -85,9 +85,11 @@ class RouterServer:
             return [w.load.num_blocks * w.load.block_size for w in workers if w.load is not None]
 
         prefill_pools = pool_tokens(self.pool.prefill)
+        model_len = min([max_model_len, *pool_tokens(self.pool.decode)])
+        max_prompt = min(prefill_pools) - 1 if prefill_pools else None
         limits = ModelLimits(os.path.basename(os.path.normpath(self.model.model_dir)), self.model.architecture,
-                             self.model.vocab_size, min([max_model_len, *pool_tokens(self.pool.decode)]),
-                             tuple(self.model.eos_token_ids), min(prefill_pools) - 1 if prefill_pools else None)
+                             self.model.vocab_size, model_len, tuple(self.model.eos_token_ids), max_prompt,
+                             self._max_prompt_chars(min(model_len - 1, max_prompt or model_len)))
         self.orch = Orchestrator(self.config, self.pool, self.tokenizer, self.metrics, _kv_bytes_per_token(self.model))
         self.intake = Intake(self.orch, limits)
         info = public_api.model_info(limits, self.tokenizer is not None, len(self.pool.prefill),
@@ -123,6 +125,13 @@ class RouterServer:
         log.info("router serving gRPC on %s%s", self.port,
                  f", HTTP on {self.http_port}" if self.http_port is not None else "")
         return self.port
+
+    def _max_prompt_chars(self, max_prompt_tokens: int) -> int | None:
+        """The configured bound, else the most characters `max_prompt_tokens` tokens can spell (None without a
+        tokenizer: then no text is accepted at all)."""
+        if self.config.max_prompt_chars is not None:
+            return self.config.max_prompt_chars
+        return max_prompt_tokens * self.tokenizer.max_token_chars() if self.tokenizer is not None else None
 
     async def _start_http(self) -> None:
         from router.http.app import build_app  # FastAPI and uvicorn only load for a router that serves HTTP

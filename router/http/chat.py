@@ -15,6 +15,7 @@ from router.http.frontend import Frontend
 from router.http.params import bad, check_model, check_supported
 from router.http.respond import answer
 from router.http.schemas import ChatCompletionRequest
+from router.requests import FieldError
 
 
 def messages_of(req: ChatCompletionRequest) -> list[dict[str, Any]]:
@@ -46,6 +47,11 @@ async def create_chat_completion(front: Frontend, request: Request) -> Response:
         raise bad(f"the model '{front.model_name}' has no chat template: start kvrelay serve with "
                   "--chat-template FILE, or use /v1/completions", "messages")
     messages = messages_of(req)
+    try:  # the rendered prompt holds every message's text: refuse what could not fit before rendering it
+        front.intake.limits.check_text_size(sum(len(m.get("content") or "") for m in messages), "the messages' text",
+                                            "messages")
+    except FieldError as e:
+        raise bad(str(e), "messages") from None
 
     def render() -> list[int]:
         text = template.render(messages, req.add_generation_prompt, req.chat_template_kwargs)

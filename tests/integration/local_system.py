@@ -60,14 +60,16 @@ class LocalSystem:
         self.decode.stop()
 
 
-def start_local(model_dir: str, num_prefill: int = 2, poll_interval_s: float = 0.05) -> LocalSystem:
+def start_local(model_dir: str, num_prefill: int = 2, poll_interval_s: float = 0.05,
+                **router_settings) -> LocalSystem:
+    """`router_settings`: more RouterConfig fields (e.g. http_port=0)."""
     cfg = EngineConfig.from_model_dir(model_dir, num_blocks=64, max_model_len=256)
     prefill = [PrefillWorker(f"p{i}", cfg, secret=SECRET) for i in range(num_prefill)]
     decode = DecodeLeader("d0", cfg, secret=SECRET)
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
     router = RouterServer(RouterConfig(host="127.0.0.1", port=0, load_poll_interval_s=poll_interval_s,
-                                       stats_log_interval_s=0), cfg.model,
+                                       stats_log_interval_s=0, **router_settings), cfg.model,
                           [WorkerSpec(w.name, w.address) for w in prefill], [WorkerSpec("d0", decode.address)],
                           secret=SECRET)
     port = asyncio.run_coroutine_threadsafe(router.start(256, 60), loop).result(90)

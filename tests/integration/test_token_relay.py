@@ -47,3 +47,36 @@ def test_relay_skips_the_first_token_and_pairs_logprobs():
     chunks = asyncio.run(run())
     assert [t for c in chunks for t in c.token_ids] == [10, 11, 12] and out.reason == "length"
     assert [(lp.token_id, round(lp.logprob, 3)) for lp in out.state.logprobs] == [(10, -1.0), (11, -1.1), (12, -1.2)]
+
+
+def test_relay_coalesces_what_came_while_the_client_was_slow():
+    """One decode message per token, read while the client writes: the chunks carry several tokens each, and
+    tokens and text are exactly those of one chunk per token."""
+    from deploy import DEFAULT_MODEL_DIR
+    from engine.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_model_dir(DEFAULT_MODEL_DIR)
+    ids = tok.encode("Ünïcödé: café, naïve, 東京, 😀 emoji, ß and Ωmega. Return a list of the arguments.")
+    prompt, completion = ids[:2], ids[2:]
+    spec = RequestSpec("r", prompt, SamplingParams(max_tokens=len(completion)))
+
+    async def events():
+        for i, t in enumerate(completion):
+            await asyncio.sleep(0)  # each message its own read, as from the wire
+            yield Tokens(i, [t], [])
+        yield Finished("length", "")
+
+    async def run(slow: bool) -> list:
+        out, chunks = ClientStream(spec, tok), []
+        async for c in relay(events(), "g", out):
+            chunks.append(c)
+            if slow:
+                await asyncio.sleep(0.002)  # a client write that takes a while
+        assert out.reason == "length"
+        return chunks
+
+    fast, slow = asyncio.run(run(False)), asyncio.run(run(True))
+    for chunks in (fast, slow):
+        assert [t for c in chunks for t in c.token_ids] == completion
+        assert "".join(c.text for c in chunks) == tok.decode(ids)[len(tok.decode(prompt)):]
+    assert len(fast) >= len(completion) - 1 and len(slow) <= len(completion) // 4
