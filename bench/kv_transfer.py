@@ -98,7 +98,7 @@ def prefill_proc(args, model_dir: str, conn) -> None:
     import torch
 
     from engine import SamplingParams
-    from engine.scheduler_output import SchedulerOutput
+    from engine.scheduler_output import SchedulerOutput, TransferChunk
     from kv_transfer.channel import KVChannel
 
     device = "cuda:0" if args.device == "cuda" else "cpu"
@@ -148,7 +148,7 @@ def prefill_proc(args, model_dir: str, conn) -> None:
             conn.send(("reserve", rid, n))
             assert conn.recv() == "reserved"
             fake = SchedulerOutput(request_ids=[rid], slots=[0], starts=[0], num_tokens=[n], output_index=[0],
-                                   token_ids=[0] * n, transfers={0: ({"peer": "d0"}, list(range(nb)))})
+                                   token_ids=[0] * n, transfers={0: TransferChunk("d0", list(range(nb)), 0, True)})
             _sync(device)
             t0 = time.perf_counter()
             ext.begin_step(fake)

@@ -13,14 +13,17 @@ from engine.engine_loop import EngineLoop
 from engine.executor import Executor, GroupLeaderExecutor
 from engine.llm_engine import LLMEngine
 from engine.worker import TPWorker, run_follower
+from kv_transfer.wire import with_staging
 from protos.serving import AsyncServerThread
 
 KV_CONNECTOR = "kv_transfer.connector:KVConnector"
 
 
 def group_config(config: EngineConfig) -> EngineConfig:
-    """Every rank runs the KV connector; rank 0 streams token ids (the router detokenizes)."""
-    return dataclasses.replace(config, worker_extension=KV_CONNECTOR, detokenize=False)
+    """Every rank runs the KV connector, whose staging is kept out of the KV pool; rank 0 streams token ids (the
+    router detokenizes)."""
+    return dataclasses.replace(config, worker_extension=KV_CONNECTOR, detokenize=False,
+                               cache=with_staging(config))
 
 
 class DecodeLeader:

@@ -102,8 +102,13 @@ class CacheConfig:
     memory_bytes: int | None = None
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
+    # Device memory kept out of the pool for a worker extension's own buffers (the KV connector's bounded
+    # transfer staging), when the pool is sized from free memory.
+    reserve_bytes: int = 0
 
     def __post_init__(self) -> None:
+        if self.reserve_bytes < 0:
+            raise ValueError(f"reserve_bytes must be >= 0, got {self.reserve_bytes}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 1:
@@ -241,8 +246,8 @@ class EngineConfig:
 
 
 
-# Bumped whenever the KV channel's messages change shape (kv_transfer.channel); both ends must agree.
-KV_WIRE_VERSION = 1
+# Bumped whenever the KV channel's messages change shape (kv_transfer.wire); both ends must agree.
+KV_WIRE_VERSION = 2
 
 
 @dataclass(frozen=True)

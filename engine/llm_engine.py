@@ -23,6 +23,7 @@ from engine.outputs import Logprob, RequestOutput
 from engine.remote_prefill import RemotePrefills
 from engine.sampling_params import SamplingParams
 from engine.scheduler import RemoteReservation, Scheduler
+from engine.scheduler_output import TransferSpec
 from engine.sequence import Sequence
 from engine.tokenizer import Tokenizer
 
@@ -83,20 +84,27 @@ class LLMEngine:
         return ids
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    transfer: dict | None = None) -> None:
+                    transfer: TransferSpec | dict | None = None) -> None:
         """Queue a request. Raises ValueError (nothing queued) for an empty/too-long prompt or a reused id.
 
-        With `transfer` (e.g. {"peer": decode group}), this engine only prefills: the worker extension sends the
-        prompt's KV as it is computed, and the request ends at its first token with finish_reason "prefilled"
-        (or "abort" with `error` if the transfer failed). `transfer["skip_blocks"]` leading blocks of the prompt
-        are not sent (the decode group holds them already).
+        With `transfer` (a TransferSpec, or its fields as a dict), this engine only prefills: the worker extension
+        sends the prompt's KV chunk by chunk as it is computed, except the first `skip_blocks` blocks (the decode
+        group holds them already), and the request ends at its first token with finish_reason "prefilled" (or
+        "abort" with `error` if a transfer failed).
         """
         if params.stop and self._out_tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this checkpoint has none (use stop_token_ids)"
                              if self.config.detokenize else "this engine does not detokenize: stop strings are "
                              "applied by its router")
         seq = Sequence(request_id, self.tokenize(prompt), params, arrival=next(self._arrivals))
+        if isinstance(transfer, dict):  # {"peer": ..., "skip_blocks": ...} from callers that build it by hand
+            transfer = TransferSpec(**transfer)
         seq.transfer = transfer
+        if transfer is not None:
+            if transfer.skip_blocks * self.config.cache.block_size >= seq.num_prompt_tokens:
+                raise ValueError(f"skip_blocks {transfer.skip_blocks} leaves nothing of a {seq.num_prompt_tokens}-"
+                                 f"token prompt to send (blocks of {self.config.cache.block_size} tokens)")
+            seq.transfer_sent = transfer.skip_blocks
         self.scheduler.add(seq)
         self._states[request_id] = _RequestState(seq, self._out_tokenizer)
 
@@ -205,7 +213,12 @@ class LLMEngine:
                 self.scheduler.finish(seq.request_id, "prefilled")  # decode continues on the decode group
             if seq.request_id in send_failed:
                 seq.finish_reason = "abort"
-            outputs.append(self._emit(seq, result.logprobs, send_failed.get(seq.request_id)))
+            outputs.append(self._emit(seq, result.logprobs, send_failed.pop(seq.request_id, None)))
+        for rid, error in send_failed.items():  # a chunk before the last failed to send: the request is lost
+            seq = self.scheduler.finish(rid, "abort")
+            state = self._states.pop(rid, None)
+            if seq is not None and state is not None:
+                outputs.append(self._output(state, [], "", None, finished=True, error=error))
         if self._remote.pending:  # landed, failed, or past their deadline
             outputs += self._apply_landing(landing)
         return outputs

@@ -167,7 +167,7 @@ class ModelRunner:
         # Activations of one step: a few [tokens, max(hidden, 2 * intermediate)] buffers, logits of every
         # sequence in float32 (and their sort for top-k/top-p), plus 1 GiB for the allocator and workspaces.
         reserve = (1 << 30) + 8 * sc.max_num_batched_tokens * max(m.hidden_size, 2 * m.intermediate_size) * 4 \
-            + 4 * sc.max_num_seqs * m.vocab_size * 4
+            + 4 * sc.max_num_seqs * m.vocab_size * 4 + self.cache_config.reserve_bytes
         budget = min(int(total * self.cache_config.gpu_memory_utilization) - weights, free) - reserve
         if budget < self.kv_block_bytes:
             raise ValueError(

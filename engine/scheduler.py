@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from engine.config import CacheConfig, SchedulerConfig
 from engine.kv_cache.block_manager import BlockManager, cdiv
-from engine.scheduler_output import NewRequest, SchedulerOutput
+from engine.scheduler_output import NewRequest, SchedulerOutput, TransferChunk
 from engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 
 
@@ -178,15 +178,28 @@ class Scheduler:
             out.token_ids.extend(tokens[start:end])
         seq.num_computed_tokens = end
         seq.inflight += 1
+        if seq.transfer is not None and start < seq.num_prompt_tokens:
+            self._transfer_chunk(out, seq, end)
         if sample:
             index = end - seq.num_prompt_tokens
-            if seq.transfer is not None and index == 0:
-                out.transfers[len(out.request_ids) - 1] = (seq.transfer, list(table))
             out.output_index.append(index)
             tokens.append(PLACEHOLDER)
             seq.num_placeholders += 1
         else:
             out.output_index.append(-1)
+
+    def _transfer_chunk(self, out: SchedulerOutput, seq: Sequence, end: int) -> None:
+        """The blocks this row's chunk (prompt tokens up to `end`) completes or starts, from the first one the
+        decode group does not have yet: sent layer by layer as the chunk computes. A partial last block is sent
+        again with the next chunk, complete."""
+        bs, spec = self.block_size, seq.transfer
+        assert spec is not None
+        final = end >= seq.num_prompt_tokens
+        first, last = seq.transfer_sent, -(-end // bs)
+        if last > first:
+            out.transfers[len(out.request_ids) - 1] = TransferChunk(
+                spec.peer, seq.block_table[first:last], first - spec.skip_blocks, final)
+        seq.transfer_sent = last if final else end // bs
 
     def _preempt(self, seq: Sequence) -> None:
         if self._inflight:

@@ -13,6 +13,32 @@ from engine.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)
+class TransferSpec:
+    """A prefill-only request's destination: decode group `peer`, which holds the prompt's first `skip_blocks`
+    blocks already (its prefix cache) and receives the rest."""
+
+    peer: str
+    skip_blocks: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.peer or self.skip_blocks < 0:
+            raise ValueError(f"a transfer needs a peer and skip_blocks >= 0, got {self!r}")
+
+
+@dataclass(frozen=True)
+class TransferChunk:
+    """What one row of a step sends (the worker side's instructions): the prefill-side blocks `src_blocks`, which
+    land in the receiver's reserved blocks from index `dst_offset` on. A chunked prefill sends each chunk's
+    blocks as it is computed (a block the chunk leaves partial is sent again, complete, with the next one); the
+    receiver admits the request once the `final` chunk has landed."""
+
+    peer: str
+    src_blocks: list[int]
+    dst_offset: int
+    final: bool
+
+
+@dataclass(frozen=True)
 class NewRequest:
     """A request entering the runner's batch at `slot` (first schedule, or again after a preemption): the runner
     resets the slot's block-table row and sampling parameters."""
@@ -41,8 +67,8 @@ class SchedulerOutput:
     new_requests: list[NewRequest] = field(default_factory=list)
     # (slot, first column, block ids): entries appended to a slot's block table since the runner last saw it.
     new_blocks: list[tuple[int, int, list[int]]] = field(default_factory=list)
-    # Rows whose chunk completes a prompt whose KV goes elsewhere: row -> (transfer spec, full block table).
-    transfers: dict[int, tuple[dict, list[int]]] = field(default_factory=dict)
+    # Rows computing prompt tokens whose KV goes elsewhere: row -> what that chunk sends.
+    transfers: dict[int, TransferChunk] = field(default_factory=dict)
     preempted: list[str] = field(default_factory=list)
 
     @property

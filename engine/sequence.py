@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 
 from engine.sampling_params import SamplingParams
+from engine.scheduler_output import TransferSpec
 
 PLACEHOLDER = -1  # a token a step in flight is sampling; its id lives on the device until the step is collected
 
@@ -46,7 +47,8 @@ class Sequence:
         self.num_preemptions = 0
         # Opaque to the engine: set on a prefill-only request whose KV goes to a decode group; the worker
         # extension reads it from SchedulerOutput.transfers in the step that completes the prompt.
-        self.transfer: dict | None = None
+        self.transfer: TransferSpec | None = None
+        self.transfer_sent = 0  # leading prompt blocks the decode group has (or will have once this step lands)
         self.num_placeholders = 0  # tail tokens sampled by steps in flight, not yet known on the host
         self.slot = -1  # row in the runner's persistent batch while scheduled (-1: none)
         self.num_sent_blocks = 0  # leading block_table entries the runner already has for this slot

@@ -3,31 +3,15 @@
 The receiver hosts a TCPStore on a free port and publishes (host, port) through the control plane; the sender
 connects. No global world: either side can die without tearing down other channels or its own TP group.
 
-Wire format, per prefill step that sends anything on this channel, all messages in order:
-  1. header  int64[8]: MAGIC, num_transfers, num_layers, total_blocks, heads, head_dim, block_size, dtype code
-  2. table   int64[2 * num_transfers]: (transfer key, number of blocks) per transfer, in payload order
-  3. payload per layer l: [2 (K, V), total_blocks, block_size, heads, head_dim], the transfers' blocks back to back
-Every message is one tensor, so a layer of a step is one message whatever the number of requests in it. A header
-with num_transfers 0 is a keepalive, sent between steps so an idle channel's pending receive never times out;
-nothing follows it.
+The messages it carries are kv_transfer.wire's.
 """
 
 from __future__ import annotations
 
 import datetime
-import hashlib
 
 import torch
 import torch.distributed as dist
-
-MAGIC = 0x4B5652454C4159  # "KVRELAY"
-HEADER_WORDS = 8
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-
-
-def transfer_key(request_id: str) -> int:
-    """Stable signed 64-bit key of a request id (both sides compute it; only the key crosses the wire)."""
-    return int.from_bytes(hashlib.blake2b(request_id.encode(), digest_size=8).digest(), "little", signed=True)
 
 
 class ChannelClosed(RuntimeError):

@@ -8,6 +8,7 @@ import dataclasses
 from engine.config import EngineConfig
 from engine.engine_loop import EngineLoop
 from engine.llm_engine import LLMEngine
+from kv_transfer.wire import with_staging
 from prefill_workers.service import PrefillService, add_to_server
 from protos.serving import AsyncServerThread
 
@@ -21,7 +22,8 @@ class PrefillWorker:
     def __init__(self, name: str, config: EngineConfig, *, secret: str, bind_host: str = "127.0.0.1",
                  advertise_host: str | None = None, port: int = 0) -> None:
         self.name = name
-        config = dataclasses.replace(config, worker_extension=KV_CONNECTOR, detokenize=False)
+        config = dataclasses.replace(config, worker_extension=KV_CONNECTOR, detokenize=False,
+                                     cache=with_staging(config))
         self.engine = LLMEngine(config)
         self.loop = EngineLoop(self.engine, name)
         service = PrefillService(name, self.loop)

@@ -9,7 +9,7 @@ import torch
 from checkpoints import hf_greedy
 from engine import LLM, SamplingParams
 from engine.cuda_graphs import DecodeGraphs
-from engine.scheduler_output import NewRequest, SchedulerOutput
+from engine.scheduler_output import NewRequest, SchedulerOutput, TransferChunk
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -131,11 +131,12 @@ def test_per_layer_hook_runs_eagerly_only_in_transfer_steps(llama_dir, monkeypat
     def one_token(rid, slot, block, transfer=None):  # a one-token prompt: a pure-decode-shaped step
         return SchedulerOutput(request_ids=[rid], slots=[slot], starts=[0], num_tokens=[1], output_index=[0],
                                token_ids=[5], new_requests=[NewRequest(rid, slot, GREEDY, 0)],
-                               new_blocks=[(slot, 0, [block])], transfers={0: (transfer, [block])} if transfer else {})
+                               new_blocks=[(slot, 0, [block])],
+                               transfers={0: TransferChunk(transfer, [block], 0, True)} if transfer else {})
 
     (first,) = runner.execute(one_token("a", 0, 3), ext).result().token_ids
     assert ext.layers == [] and count_replays == [1]  # replayed: no per-layer calls needed
-    (second,) = runner.execute(one_token("b", 1, 4, {"peer": "d0"}), ext).result().token_ids
+    (second,) = runner.execute(one_token("b", 1, 4, "d0"), ext).result().token_ids
     assert ext.layers == [0, 1] and count_replays == [1] and ext.steps == 2  # eager, hook after each layer
     assert first == second  # same token and position, other block: same result
     assert torch.equal(runner.kv_cache[:, :, 3, 0], runner.kv_cache[:, :, 4, 0])  # both wrote their KV

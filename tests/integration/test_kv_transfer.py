@@ -230,3 +230,50 @@ def test_mismatched_pair_fails_at_start_up_naming_both_sides(llama_dir):
     finally:
         p.stop()
         d.stop()
+
+
+@pytest.mark.parametrize("budget, blocks_sent", [(32, 9), (24, 12)])
+def test_chunked_prefill_streams_every_chunk(llama_dir, budget, blocks_sent):
+    """A 130-token prompt prefilled in chunks of `budget` tokens: each chunk's blocks travel as soon as it is
+    computed (before the last chunk runs), a block a chunk leaves partial is sent again complete with the next
+    (24-token chunks: 9 blocks + 3 resends), and the decode group admits the request after the final chunk."""
+    prompt = prompts(5)[4]  # 130 tokens: 9 blocks of 16
+    ref = LLM(llama_dir).generate(prompt, GREEDY)[0].token_ids
+    p = engine(llama_dir, num_blocks=64, max_num_batched_tokens=budget)
+    d = engine(llama_dir, num_blocks=64)
+    try:
+        wire(p, "p0", d, "d0")
+        r = d.reserve_remote_prefill("c", prompt, GREEDY, "p0", 1)
+        p.add_request("c", prompt, GREEDY, transfer={"peer": "d0"})
+        block = p.executor.runner.kv_block_bytes
+        assert p.step() == []  # the first chunk: computed and sent, the prompt not done
+        assert p.call_extension("stats")[0]["bytes_sent"] == 2 * block
+        assert d.step() == [] and d.scheduler.remote  # nothing admitted before the final chunk lands
+        first = run_until_done(p, {"c"})["c"]
+        assert p.call_extension("stats")[0]["bytes_sent"] == blocks_sent * block
+        d.set_first_token("c", first.token_ids[0])
+        assert run_until_done(d, {"c"})["c"].token_ids == ref
+        assert len(r.block_ids) == 9 and d.num_free_blocks == 64 and p.num_free_blocks == 64
+    finally:
+        p.shutdown()
+        d.shutdown()
+
+
+def test_receive_staging_is_bounded_by_two_pieces(llama_dir, monkeypatch):
+    """Pieces of 2 blocks (PIECE_TOKENS 32): a 130-token prompt's 9 blocks travel in 5 pieces per layer, the
+    receiver stages two pieces at most, and the tokens are LLM's."""
+    import kv_transfer.sender
+
+    monkeypatch.setattr(kv_transfer.sender, "PIECE_TOKENS", 32)
+    prompt = prompts(5)[4]
+    ref = LLM(llama_dir).generate(prompt, GREEDY)[0].token_ids
+    p, d = engine(llama_dir, num_blocks=64), engine(llama_dir, num_blocks=64)
+    try:
+        wire(p, "p0", d, "d0")
+        assert disaggregated_generate(p, d, [prompt], GREEDY)["req0"].token_ids == ref
+        # Two buffers of one piece each: 2 (K, V) x 2 blocks x one layer's block of this rank's KV.
+        layer_block = p.executor.runner.kv_block_bytes // p.config.model.num_layers // 2
+        assert d.call_extension("stats")[0]["max_staging_bytes"] == 2 * 2 * 2 * layer_block
+    finally:
+        p.shutdown()
+        d.shutdown()

@@ -142,7 +142,7 @@ def _hold_prefill_after_layer_0(actor: object, marker: str) -> None:
 
     def on_layer(layer: int) -> None:
         original(layer)
-        if layer == 0 and any(rid.startswith(marker) for _, _, items in ext.step_sends for _, rid, _ in items):
+        if layer == 0 and any(rid.startswith(marker) for step in ext.step_sends for rid in step.request_ids):
             hit.set()
             gate.wait(30)
 

@@ -52,5 +52,16 @@ def test_kv_layout_handshake_names_both_sides_and_every_difference():
         "vs 'float16' on decode group d0; block_size 16 on prefill worker p0 vs 32 on decode group d0")
     import dataclasses
 
-    newer = dataclasses.replace(a, wire_version=2)
-    assert a.mismatch(newer, "x", "y") == "KV layout mismatch between x and y: wire_version 1 on x vs 2 on y"
+    newer = dataclasses.replace(a, wire_version=a.wire_version + 1)
+    assert a.mismatch(newer, "x", "y") == (f"KV layout mismatch between x and y: wire_version {a.wire_version} on x "
+                                           f"vs {a.wire_version + 1} on y")
+
+
+def test_transfer_staging_is_reserved_outside_the_pool():
+    from engine.config import EngineConfig
+    from kv_transfer.wire import PIECE_TOKENS, STAGED_CHANNELS, with_staging
+
+    cfg = EngineConfig.from_model_dir("deploy/default_model")  # 2 KV heads of 48, bfloat16
+    piece = 2 * PIECE_TOKENS * 2 * 48 * 2  # K and V of one layer's 8192 tokens
+    # per channel: two receive pieces, four sends in flight and the one being gathered
+    assert with_staging(cfg).reserve_bytes == STAGED_CHANNELS * 7 * piece == 88080384
