@@ -8,7 +8,7 @@ import socket
 
 from decode_workers.group import DecodeFollower, DecodeLeader
 from engine.config import EngineConfig
-from protos.serving import node_ip
+from worker_runtime.server_thread import node_ip
 
 
 class DecodeRankActor:

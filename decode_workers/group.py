@@ -14,7 +14,7 @@ from engine.executor import Executor, GroupLeaderExecutor
 from engine.llm_engine import LLMEngine
 from engine.worker import TPWorker, run_follower
 from kv_transfer.wire import with_staging
-from protos.serving import AsyncServerThread
+from worker_runtime.server_thread import AsyncServerThread
 
 KV_CONNECTOR = "kv_transfer.connector:KVConnector"
 

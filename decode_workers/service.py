@@ -12,10 +12,11 @@ from engine.engine_loop import EngineDead, EngineLoop
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
-from engine.scheduler import RemoteReservation
 from protos import checks, codec
 from protos import worker_pb2 as wpb
 from protos import worker_pb2_grpc as wpb_grpc
+from worker_runtime.health import load_fields
+from worker_runtime.rpc import Refusal, Started, follow, start_request
 
 # Listen opens stores on free ports without waiting for the peer (the channels form on threads of their own), so
 # it is quick; past this the caller gets DEADLINE_EXCEEDED rather than waiting on a stuck engine.
@@ -31,11 +32,22 @@ class DecodeService(wpb_grpc.DecodeGroupServicer):
         self.vocab_size, self.max_model_len = cfg.model.vocab_size, cfg.scheduler.max_model_len
         self.peers: dict[str, int] = {}  # prefill worker -> its ranks, once a Listen for it succeeded
 
-    def _check(self, request: wpb.DecodeRequest | wpb.LocalRequest) -> tuple[str, list[int], SamplingParams]:
-        """(request id, prompt, sampling parameters) of a valid request; ValueError says what is wrong."""
+    def _check(self, request: wpb.DecodeRequest | wpb.LocalRequest) -> tuple[str, tuple[list[int], SamplingParams]]:
+        """(request id, (prompt, sampling parameters)) of a valid request; ValueError says what is wrong."""
         rid = checks.identifier(request.request_id, "request_id")
         prompt = checks.prompt(request.prompt_token_ids, self.vocab_size, self.max_model_len)
-        return rid, prompt, SamplingParams(**checks.sampling(request.sampling, self.vocab_size))
+        return rid, (prompt, SamplingParams(**checks.sampling(request.sampling, self.vocab_size)))
+
+    def _check_decode(self, request: wpb.DecodeRequest) -> tuple[str, tuple[list[int], SamplingParams, float]]:
+        """`_check`, the transfer deadline, and the pair's wiring (FAILED_PRECONDITION: not the caller's input
+        alone, the pair may need (re-)wiring, so a router tries elsewhere)."""
+        rid, (prompt, params) = self._check(request)
+        timeout_s = checks.transfer_timeout(request.transfer_timeout_s)
+        peer, peer_tp = request.prefill_worker, request.prefill_tensor_parallel_size
+        if self.peers.get(peer) != peer_tp:
+            raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, f"decode group {self.name} has no KV channels from "
+                          f"prefill worker {peer[:64]!r} of {peer_tp} rank(s): Listen first")
+        return rid, (prompt, params, timeout_s)
 
     async def Listen(self, request: wpb.ListenRequest, context: grpc.aio.ServicerContext) -> wpb.ListenReply:
         try:
@@ -62,86 +74,41 @@ class DecodeService(wpb_grpc.DecodeGroupServicer):
 
     async def Decode(self, request: wpb.DecodeRequest,
                      context: grpc.aio.ServicerContext) -> AsyncIterator[wpb.DecodeEvent]:
-        try:
-            rid, prompt, params = self._check(request)
-            timeout_s = checks.transfer_timeout(request.transfer_timeout_s)
-        except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         peer, peer_tp = request.prefill_worker, request.prefill_tensor_parallel_size
-        if self.peers.get(peer) != peer_tp:
-            # Not the caller's input alone: the pair may need (re-)wiring, so a router tries elsewhere.
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"decode group {self.name} has no KV channels "
-                                f"from prefill worker {peer[:64]!r} of {peer_tp} rank(s): Listen first")
-        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
 
-        def reserve(eng: LLMEngine) -> tuple[RemoteReservation | None, int]:
-            reservation = eng.reserve_remote_prefill(rid, prompt, params, peer, peer_tp, timeout_s=timeout_s)
-            if reservation is not None:
-                self.loop.subscribe(rid, outputs.put_nowait)  # runs on this server's loop (deliver_on)
-            return reservation, eng.num_free_blocks
+        def reserve(eng: LLMEngine, rid: str, a: tuple[list[int], SamplingParams, float]) -> wpb.Reserved:
+            reservation = eng.reserve_remote_prefill(rid, a[0], a[1], peer, peer_tp, timeout_s=a[2])
+            free = eng.num_free_blocks
+            if reservation is None:
+                raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"decode group {self.name} has no free KV blocks or seats now ({free} blocks free)")
+            return wpb.Reserved(num_blocks=len(reservation.block_ids), free_blocks=free,
+                                num_cached_blocks=reservation.num_cached_blocks)
 
-        try:
-            reservation, free = await self.loop.astart(rid, reserve)
-        except EngineDead as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"decode group {self.name}: {codec.one_line(e)}")
-        except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except Exception as e:  # e.g. a rank could not register the transfer
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"decode group {self.name}: {codec.one_line(e)}")
-        if reservation is None:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"decode group {self.name} has no free KV blocks or seats now ({free} blocks free)")
-        reserved = wpb.DecodeEvent(reserved=wpb.Reserved(num_blocks=len(reservation.block_ids), free_blocks=free,
-                                                         num_cached_blocks=reservation.num_cached_blocks))
-        async for ev in self._relay(rid, outputs, first=reserved):
+        started = await start_request(context, f"decode group {self.name}", self.loop,
+                                      lambda: self._check_decode(request), reserve)
+        yield wpb.DecodeEvent(reserved=started.value)
+        async for ev in self._relay(started):
             yield ev
 
     async def Generate(self, request: wpb.LocalRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[wpb.DecodeEvent]:
-        try:
-            rid, prompt, params = self._check(request)
-        except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
-
-        def add(eng: LLMEngine) -> None:
-            eng.add_request(rid, prompt, params)
-            self.loop.subscribe(rid, outputs.put_nowait)  # runs on this server's loop (deliver_on)
-
-        try:
-            await self.loop.astart(rid, add)
-        except EngineDead as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"decode group {self.name}: {codec.one_line(e)}")
-        except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        async for ev in self._relay(rid, outputs):
+        started = await start_request(context, f"decode group {self.name}", self.loop, lambda: self._check(request),
+                                      lambda eng, rid, a: eng.add_request(rid, a[0], a[1]))
+        async for ev in self._relay(started):
             yield ev
 
-    async def _relay(self, rid: str, outputs: asyncio.Queue[RequestOutput],
-                     first: wpb.DecodeEvent | None = None) -> AsyncIterator[wpb.DecodeEvent]:
-        """`first`, then a request's outputs as events until it finishes; if the call ends first (the router
-        cancelled: client gone, stop string, deadline), abort the request so its blocks are freed now."""
-        finished = False
-        try:
-            if first is not None:
-                yield first
-            while not finished:
-                # Everything that arrived while the last message was being sent goes out as one message: under
-                # load, fewer and larger messages; when idle, each token as soon as it exists.
-                batch = [await outputs.get()]
-                while not batch[-1].finished and not outputs.empty():
-                    batch.append(outputs.get_nowait())
-                out = batch[-1]
-                finished = out.finished
-                if any(o.new_token_ids for o in batch):
-                    yield wpb.DecodeEvent(tokens=tokens_message(batch))
-                if finished:
-                    yield wpb.DecodeEvent(finished=wpb.DecodeFinished(
-                        finish_reason=out.finish_reason or "abort", error=codec.one_line(out.error or ""),
-                        cached_prompt_tokens=out.num_cached_tokens))
-        finally:
-            if not finished:
-                self.loop.call(lambda eng: eng.abort_request(rid))
+    async def _relay(self, started: Started) -> AsyncIterator[wpb.DecodeEvent]:
+        """A request's outputs as events until it finishes: the outputs that arrived while the last message was
+        being sent go out as one (`follow` aborts the request if the call ends first)."""
+        async for batch in follow(self.loop, started):
+            out = batch[-1]
+            if any(o.new_token_ids for o in batch):
+                yield wpb.DecodeEvent(tokens=tokens_message(batch))
+            if out.finished:
+                yield wpb.DecodeEvent(finished=wpb.DecodeFinished(
+                    finish_reason=out.finish_reason or "abort", error=codec.one_line(out.error or ""),
+                    cached_prompt_tokens=out.num_cached_tokens))
 
     async def SetFirstToken(self, request: wpb.FirstToken, context: grpc.aio.ServicerContext) -> wpb.Ack:
         try:
@@ -157,7 +124,7 @@ class DecodeService(wpb_grpc.DecodeGroupServicer):
         return wpb.Ack()
 
     async def GetLoad(self, request: wpb.LoadRequest, context: grpc.aio.ServicerContext) -> wpb.WorkerLoad:
-        return codec.load_message(self.name, self.loop)
+        return codec.load_message(load_fields(self.name, self.loop))
 
 
 def tokens_message(batch: list[RequestOutput]) -> wpb.DecodeTokens:

@@ -8,7 +8,7 @@ import os
 
 from engine.config import EngineConfig
 from prefill_workers.worker import PrefillWorker
-from protos.serving import node_ip
+from worker_runtime.server_thread import node_ip
 
 
 class PrefillActor:

@@ -11,12 +11,12 @@ import grpc
 
 from engine.config import KVLayout
 from engine.engine_loop import EngineDead, EngineLoop
-from engine.llm_engine import LLMEngine
-from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from protos import checks, codec
 from protos import worker_pb2 as wpb
 from protos import worker_pb2_grpc as wpb_grpc
+from worker_runtime.health import load_fields
+from worker_runtime.rpc import Refusal, follow, refuse, start_request
 
 # A Connect waits this long at most (less when its caller's deadline is sooner) for the pair's channels to form.
 CONNECT_TIMEOUT_S = 60.0
@@ -35,46 +35,32 @@ class PrefillService(wpb_grpc.PrefillWorkerServicer):
         self._tickets = itertools.count()
         self._connecting = 0
 
-    async def Prefill(self, request: wpb.PrefillRequest, context: grpc.aio.ServicerContext) -> wpb.PrefillResult:
-        try:
-            rid = checks.identifier(request.request_id, "request_id")
-            prompt = checks.prompt(request.prompt_token_ids, self.vocab_size, self.max_model_len)
-            params = SamplingParams(**checks.sampling(request.sampling, self.vocab_size))
-        except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    def _parse(self, request: wpb.PrefillRequest) -> tuple[str, tuple[list[int], SamplingParams, dict | None]]:
+        """(request id, (prompt, parameters, transfer)) of a valid request; ValueError or Refusal otherwise."""
+        rid = checks.identifier(request.request_id, "request_id")
+        prompt = checks.prompt(request.prompt_token_ids, self.vocab_size, self.max_model_len)
+        params = SamplingParams(**checks.sampling(request.sampling, self.vocab_size))
         if request.decode_group and request.decode_group not in self.connected:
             # Not the caller's input alone: the pair may need (re-)wiring, so a router retries elsewhere.
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"prefill worker {self.name} has no KV channels "
-                                f"to decode group {request.decode_group[:64]!r}: Connect first")
+            raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, f"prefill worker {self.name} has no KV channels to "
+                          f"decode group {request.decode_group[:64]!r}: Connect first")
         block_size = self.loop.engine.config.cache.block_size
         if request.skip_blocks and request.skip_blocks * block_size >= len(prompt):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"skip_blocks {request.skip_blocks} leaves nothing of a {len(prompt)}-token prompt "
-                                f"to send (blocks of {block_size} tokens)")
+            raise ValueError(f"skip_blocks {request.skip_blocks} leaves nothing of a {len(prompt)}-token prompt "
+                             f"to send (blocks of {block_size} tokens)")
         transfer = ({"peer": request.decode_group, "skip_blocks": request.skip_blocks} if request.decode_group
                     else None)
-        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        return rid, (prompt, params, transfer)
 
-        def add(eng: LLMEngine) -> None:
-            eng.add_request(rid, prompt, params, transfer=transfer)
-            self.loop.subscribe(rid, outputs.put_nowait)  # runs on this server's loop (deliver_on)
-
-        try:
-            await self.loop.astart(rid, add)
-        except EngineDead as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill worker {self.name}: {codec.one_line(e)}")
-        except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        try:
-            out = await outputs.get()
-            while not out.finished:
-                out = await outputs.get()
-        except asyncio.CancelledError:  # the router cancelled (client gone, deadline): free the blocks now
-            self.loop.call(lambda eng: eng.abort_request(rid))
-            raise
+    async def Prefill(self, request: wpb.PrefillRequest, context: grpc.aio.ServicerContext) -> wpb.PrefillResult:
+        who = f"prefill worker {self.name}"
+        started = await start_request(
+            context, who, self.loop, lambda: self._parse(request),
+            lambda eng, rid, a: eng.add_request(rid, a[0], a[1], transfer=a[2]))
+        async for batch in follow(self.loop, started):
+            out = batch[-1]
         if out.finish_reason == "abort" or not out.token_ids:
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                f"prefill worker {self.name}: {codec.one_line(out.error or 'request aborted')}")
+            await refuse(context, grpc.StatusCode.UNAVAILABLE, f"{who}: {out.error or 'request aborted'}")
         result = wpb.PrefillResult(first_token_id=out.token_ids[0], cached_prompt_tokens=out.num_cached_tokens,
                                    finish_reason=out.finish_reason or "")
         if out.logprobs:
@@ -142,7 +128,7 @@ class PrefillService(wpb_grpc.PrefillWorkerServicer):
             self.loop.call(lambda eng: eng.call_extension("connect_state", ticket, True))
 
     async def GetLoad(self, request: wpb.LoadRequest, context: grpc.aio.ServicerContext) -> wpb.WorkerLoad:
-        return codec.load_message(self.name, self.loop)
+        return codec.load_message(load_fields(self.name, self.loop))
 
 
 def add_to_server(server: Any, service: PrefillService) -> None:

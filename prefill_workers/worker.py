@@ -10,7 +10,7 @@ from engine.engine_loop import EngineLoop
 from engine.llm_engine import LLMEngine
 from kv_transfer.wire import with_staging
 from prefill_workers.service import PrefillService, add_to_server
-from protos.serving import AsyncServerThread
+from worker_runtime.server_thread import AsyncServerThread
 
 KV_CONNECTOR = "kv_transfer.connector:KVConnector"
 

@@ -12,8 +12,6 @@ from protos import worker_pb2 as wpb
 SAMPLING_DEFAULTS: dict[str, Any] = dict(max_tokens=16, temperature=1.0, top_k=0, top_p=1.0, seed=None, stop=(),
                                          stop_token_ids=(), ignore_eos=False, logprobs=None,
                                          skip_special_tokens=True)
-# A step or engine call running longer than this means the worker is stuck (no real step takes minutes).
-STUCK_S = 300.0
 _OPTIONAL = ("max_tokens", "temperature", "top_k", "top_p", "seed", "logprobs", "skip_special_tokens")
 
 
@@ -58,25 +56,9 @@ def one_line(error: object, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def load_message(name: str, loop: Any) -> wpb.WorkerLoad:
-    """A worker's load from its engine loop's latest stats (`engine.engine_loop.EngineLoop`, duck-typed): no call
-    into the loop, so polling never waits behind a step."""
-    s, cfg = loop.stats, loop.engine.config
-    error = one_line(loop.error) if loop.error else ""
-    stuck = loop.stuck_for()
-    if not error and stuck > STUCK_S:
-        error = f"its engine has been inside one step or call for {stuck:.0f} s (a rank hung?)"
-    return wpb.WorkerLoad(name=name, num_blocks=s.num_blocks, free_blocks=s.free_blocks,
-                          block_size=cfg.cache.block_size, running=s.running, waiting=s.waiting + s.remote,
-                          prefix_cache_hit_rate=s.prefix_cache_hit_rate, healthy=not error, error=error,
-                          max_num_seqs=cfg.scheduler.max_num_seqs, num_preemptions=_preemptions(loop.engine),
-                          kv_layout=layout_message(_layout_of(cfg)))
-
-
-def _layout_of(cfg: Any) -> dict[str, Any]:
-    from engine.config import KVLayout  # workers only (this module stays importable without the engine)
-
-    return vars(KVLayout.of(cfg)).copy()
+def load_message(fields: dict[str, Any]) -> wpb.WorkerLoad:
+    """A worker's load (worker_runtime.health.load_fields) as its message."""
+    return wpb.WorkerLoad(**{**fields, "kv_layout": layout_message(fields["kv_layout"])})
 
 
 def layout_message(layout: dict[str, Any]) -> wpb.KVLayout:
@@ -87,9 +69,3 @@ def layout_message(layout: dict[str, Any]) -> wpb.KVLayout:
 def layout_fields(msg: wpb.KVLayout) -> dict[str, Any]:
     """The fields of engine.config.KVLayout from its message."""
     return {f.name: getattr(msg, f.name) for f in msg.DESCRIPTOR.fields}
-
-
-def _preemptions(engine: Any) -> int:
-    """The scheduler's running count (an int read from another thread: atomic in CPython); 0 for an engine
-    without one."""
-    return int(getattr(getattr(engine, "scheduler", None), "num_preemptions", 0) or 0)

@@ -1,6 +1,7 @@
-"""Server interceptors every kvrelay gRPC server shares: the internal API's secret check, and the parse guard that
-turns a request grpc cannot decode (random bytes, invalid UTF-8 in a string field) into INVALID_ARGUMENT with
-one log line, instead of the UNKNOWN and multi-line traceback grpc's default deserializers produce.
+"""Server options and interceptors every kvrelay gRPC server shares: the internal API's secret check, and the
+parse guard that turns a request grpc cannot decode (random bytes, invalid UTF-8 in a string field) into
+INVALID_ARGUMENT with one log line, instead of the UNKNOWN and multi-line traceback grpc's default deserializers
+produce.
 
 Put the secret check first: a refused call then says UNAUTHENTICATED whatever its bytes, and nothing it carries
 is looked at beyond the metadata."""
@@ -19,6 +20,12 @@ log = logging.getLogger("kvrelay.grpc")
 
 # The metadata key that carries the deployment's secret on every internal call (router -> workers).
 SECRET_METADATA_KEY = "x-kvrelay-secret"
+# Options of every kvrelay gRPC server (router and workers).
+SERVER_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20),
+                  ("grpc.so_reuseport", 0),
+                  # the router pings its workers every 10 s, idle or not (router.worker_api): allow it
+                  ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+                  ("grpc.http2.max_ping_strikes", 0)]
 
 
 def secret_metadata(secret: str) -> tuple[tuple[str, str], ...]:

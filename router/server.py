@@ -16,8 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from engine.config import ModelConfig
 from engine.tokenizer import Tokenizer
-from protos.guards import server_interceptors
-from protos.serving import SERVER_OPTIONS
+from protos.guards import SERVER_OPTIONS, server_interceptors
 from router import public_api
 from router.auth import ApiKeyInterceptor
 from router.config import RouterConfig

@@ -15,7 +15,8 @@ from protos import worker_pb2_grpc as wpb_grpc
 from protos.guards import secret_metadata
 
 # Keepalive pings: a worker whose node vanished without closing its connections (power loss, partition) fails
-# its open calls within ~30 s instead of the OS's TCP timeout. Worker servers allow these pings (protos.serving).
+# its open calls within ~30 s instead of the OS's TCP timeout. Worker servers allow these pings
+# (protos.guards.SERVER_OPTIONS).
 OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20),
            ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 20_000),
            ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)]

@@ -10,13 +10,7 @@ from collections.abc import Callable
 
 import grpc
 
-from protos.guards import server_interceptors
-
-SERVER_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20),
-                  ("grpc.so_reuseport", 0),
-                  # the router pings its workers every 10 s, idle or not (router.worker_api): allow it
-                  ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-                  ("grpc.http2.max_ping_strikes", 0)]
+from protos.guards import SERVER_OPTIONS, server_interceptors
 
 
 class AsyncServerThread:
