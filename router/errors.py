@@ -4,6 +4,11 @@ needs gRPC or HTTP for this."""
 
 from __future__ import annotations
 
+from protos.codec import one_line
+
+# Long enough for any message the router writes (a few worker errors joined); a traceback never gets this far.
+MESSAGE_LIMIT = 2000
+
 INVALID_ARGUMENT = "INVALID_ARGUMENT"
 ALREADY_EXISTS = "ALREADY_EXISTS"
 NOT_FOUND = "NOT_FOUND"
@@ -16,9 +21,12 @@ INTERNAL = "INTERNAL"
 
 
 class RequestError(Exception):
-    """`param` names the offending request field when there is one (the HTTP front reports it)."""
+    """`param` names the offending request field when there is one (the HTTP front reports it). The message is
+    what the client reads, so it is one line: of a traceback that reached it only the exception's line is kept
+    (the traceback itself belongs in the log)."""
 
     def __init__(self, code: str, message: str, param: str | None = None) -> None:
+        message = one_line(message, MESSAGE_LIMIT)
         super().__init__(message)
         self.code, self.message, self.param = code, message, param
         self.counted = False  # in the metrics already (whoever counts a failure sets this)

@@ -89,3 +89,13 @@ def test_deploy_examples_parse_and_the_serve_config_validates(tmp_path):
     cfg = ServeConfig(**{**kwargs, "model": str(model)})
     assert (cfg.prefill_workers, cfg.decode_groups, cfg.decode_tp, cfg.max_num_seqs) == (2, 1, 2, 128)
     assert cfg.router_config().max_queued_requests == 256
+
+
+def test_client_errors_are_one_line_causes():
+    from router.errors import INTERNAL, RequestError
+
+    tb = ("engine failed:\nTraceback (most recent call last):\n  File \"engine/runner.py\", line 3, in step\n"
+          "    x = y[0]\nIndexError: list index out of range\n")
+    e = RequestError(INTERNAL, f"decode group d0 aborted the request: {tb}")
+    assert e.message == "decode group d0 aborted the request: engine failed: IndexError: list index out of range"
+    assert str(e) == e.message and "\n" not in RequestError(INTERNAL, "a\n  b").message
