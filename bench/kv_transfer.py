@@ -157,7 +157,7 @@ def prefill_proc(args, model_dir: str, conn) -> None:
             ev = ext.end_step(fake)
             _sync(device)
             xfer.append(time.perf_counter() - t0)
-            assert not ev["failed"], ev
+            assert not ev.send_failed, ev
             conn.recv()
         prefill = [step_time(n, False) for _ in range(args.reps + 1)][1:]
         overlap = [step_time(n, True) for _ in range(args.reps + 1)][1:]

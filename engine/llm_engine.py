@@ -18,12 +18,12 @@ from collections import deque
 
 from engine.config import EngineConfig
 from engine.executor import Executor, LocalExecutor, MultiprocExecutor
+from engine.kv_connector import RemoteReservation
 from engine.output_processor import OutputState
 from engine.outputs import Logprob, RequestOutput
-from engine.remote_prefill import RemotePrefills
 from engine.sampling_params import SamplingParams
-from engine.scheduler import RemoteReservation, Scheduler
-from engine.scheduler_output import TransferSpec
+from engine.scheduler import Scheduler
+from engine.scheduler_output import TransferEvents, TransferSpec
 from engine.sequence import Sequence
 from engine.tokenizer import Tokenizer
 
@@ -61,9 +61,10 @@ class LLMEngine:
         self.executor: Executor = executor
         self.num_blocks = self.executor.num_blocks
         self.scheduler = Scheduler(config.scheduler, config.cache, self.num_blocks,
-                                   eos_token_ids=config.model.eos_token_ids)
+                                   eos_token_ids=config.model.eos_token_ids,
+                                   tp_size=config.parallel.tensor_parallel_size)
+        self._kv = self.scheduler.kv  # the KV connector's scheduler side
         self._states: dict[str, _RequestState] = {}
-        self._remote = RemotePrefills(config.parallel.tensor_parallel_size)
         self._aborted: list[RequestOutput] = []
         self._arrivals = itertools.count()
         self.async_scheduling = bool(config.runtime.resolved(config.device).async_scheduling)
@@ -128,7 +129,7 @@ class LLMEngine:
                 self.scheduler.finish(request_id, "abort")
             raise
         self._states[request_id] = _RequestState(seq, self._out_tokenizer)
-        self._remote.add(request_id, timeout_s)
+        self._kv.await_transfer(request_id, timeout_s)
         return reservation
 
     def call_extension(self, method: str, *args) -> list:
@@ -139,11 +140,11 @@ class LLMEngine:
         """The token the prefill worker sampled; decoding starts once the KV has landed too."""
         if not 0 <= token < self.config.model.vocab_size:
             raise ValueError(f"first token id {token} is outside the vocabulary [0, {self.config.model.vocab_size})")
-        self._remote.set_first_token(request_id, token)
+        self._kv.set_first_token(request_id, token)
 
-    def _apply_landing(self, rank_events: list[dict]) -> list[RequestOutput]:
+    def _apply_landing(self, rank_events: list[TransferEvents]) -> list[RequestOutput]:
         """Fold the decode ranks' transfer events (landed / failed remote prefills) into the reservations."""
-        ready, failed = self._remote.apply(rank_events)
+        ready, failed = self._kv.fold(rank_events)
         outputs = []
         if failed:
             self.executor.call_extension("cancel", list(failed))  # no byte lands after this: blocks reusable
@@ -159,7 +160,7 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> bool:
         """Stop a request now (its blocks are freed once no step in flight writes them); the next `step()`
         reports it with finish_reason "abort"."""
-        if self._remote.discard(request_id):
+        if self._kv.discard(request_id):
             self.executor.call_extension("cancel", [request_id])
         seq = self.scheduler.finish(request_id, "abort")
         state = self._states.pop(request_id, None)
@@ -181,7 +182,7 @@ class LLMEngine:
         """Run one batch; return an output for every request that got a token, finished or was aborted. With
         async scheduling the tokens returned are those of the previous batch, collected once this one is queued."""
         outputs, self._aborted = self._aborted, []
-        if self._remote.pending and not self._inflight and not (self.scheduler.running or self.scheduler.waiting):
+        if self._kv.pending and not self._inflight and not (self.scheduler.running or self.scheduler.waiting):
             # Only transfers outstanding, so no step carries their events: ask the ranks directly.
             outputs += self._apply_landing(self.executor.call_extension("poll"))
         # Preemption frees blocks at once: never while a step that writes them is in flight.
@@ -201,12 +202,9 @@ class LLMEngine:
         result = handle.result()
         self.wait_s += time.perf_counter() - t
         send_failed: dict[str, str] = {}
-        landing = []
-        for ev in result.ext_events:
-            ev = ev or {}
-            send_failed.update(ev.get("failed", {}))
-            if "landed" in ev or "recv_failed" in ev:
-                landing.append({"landed": ev.get("landed", []), "failed": ev.get("recv_failed", {})})
+        landing = [ev for ev in result.ext_events if isinstance(ev, TransferEvents)]
+        for ev in landing:
+            send_failed.update(ev.send_failed)
         outputs = []
         for seq in self.scheduler.update(sched, result.token_ids):
             if seq.transfer is not None and not seq.is_finished:
@@ -219,7 +217,7 @@ class LLMEngine:
             state = self._states.pop(rid, None)
             if seq is not None and state is not None:
                 outputs.append(self._output(state, [], "", None, finished=True, error=error))
-        if self._remote.pending:  # landed, failed, or past their deadline
+        if self._kv.pending:  # landed, failed, or past their deadline
             outputs += self._apply_landing(landing)
         return outputs
 

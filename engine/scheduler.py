@@ -20,27 +20,12 @@ from __future__ import annotations
 import random
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from engine.config import CacheConfig, SchedulerConfig
 from engine.kv_cache.block_manager import BlockManager, cdiv
-from engine.scheduler_output import NewRequest, SchedulerOutput, TransferChunk
+from engine.kv_connector import RemoteReservation, SchedulerConnector
+from engine.scheduler_output import NewRequest, SchedulerOutput
 from engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
-
-
-@dataclass(frozen=True)
-class RemoteReservation:
-    """Blocks reserved for a prompt prefilled elsewhere: `block_ids` covers the whole prompt; its first
-    `num_cached_blocks` already hold the prompt's KV here (shared from the prefix cache) and are not sent."""
-
-    block_ids: list[int]
-    num_cached_blocks: int
-
-    @property
-    def missing_blocks(self) -> list[int]:
-        """Where the prefill worker's KV goes: the blocks after the shared prefix."""
-        return self.block_ids[self.num_cached_blocks:]
-
 
 # A persistent batch has twice the seats: requests that finished while a step computing them is in flight keep
 # their slot until it is collected, while new requests already take seats.
@@ -51,7 +36,8 @@ class Scheduler:
     """Mutates: the waiting and running queues, sequences' state, the block manager and the slot free list."""
 
     def __init__(
-        self, config: SchedulerConfig, cache: CacheConfig, num_blocks: int, eos_token_ids: Iterable[int] = ()
+        self, config: SchedulerConfig, cache: CacheConfig, num_blocks: int, eos_token_ids: Iterable[int] = (),
+        tp_size: int = 1,
     ) -> None:
         self.config = config
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -60,7 +46,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.seqs: dict[str, Sequence] = {}
-        self.remote: dict[str, Sequence] = {}  # prompt KV reserved here, being computed by a prefill worker
+        self.kv = SchedulerConnector(cache.block_size, tp_size)  # reservations, readiness, what steps send
         self.num_preemptions = 0
         self.num_slots = config.max_num_seqs * SLOTS_PER_SEAT
         self._free_slots = list(range(self.num_slots - 1, -1, -1))  # pop() hands out slot 0 first
@@ -91,6 +77,11 @@ class Scheduler:
         self.seqs[seq.request_id] = seq
         self.waiting.append(seq)
 
+    @property
+    def remote(self) -> dict[str, Sequence]:
+        """Requests whose prompt KV is reserved here, being computed by a prefill worker."""
+        return self.kv.reserved
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.remote or self._inflight)
 
@@ -100,32 +91,19 @@ class Scheduler:
 
     # ---- remote prefill (decode side) ---------------------------------------------------------------------
     def reserve_remote(self, seq: Sequence) -> RemoteReservation | None:
-        """Reserve blocks for a prompt another worker will prefill; None when blocks or seats are short now.
-
-        The longest prefix this pool's cache holds is shared, exactly as a local prefix hit: only the blocks after
-        it need the prefill worker's KV."""
+        """Reserve blocks for a prompt another worker will prefill, sharing the prefix this pool's cache holds;
+        None when blocks or seats are short now (see SchedulerConnector.reserve)."""
         self._check_new(seq)
         if len(self.running) + len(self.remote) >= self.config.max_num_seqs:
             return None
-        prefix = self.blocks.find_cached_prefix(seq)
-        n = seq.num_prompt_tokens - len(prefix) * self.block_size
-        # Local work waiting (new or preempted) goes first, and running requests keep a block each to grow into:
-        # remote reservations must not starve them or force preemptions on the next step.
-        taken = cdiv(n, self.block_size) + sum(1 for b in prefix if self.blocks.pool.ref_cnt[b] == 0)
-        if self.waiting or taken + len(self.running) > self.blocks.num_free_blocks:
-            return None
-        if not self.blocks.allocate(seq, n, prefix):
-            return None
-        seq.admitted = True
-        seq.num_cached_tokens = len(prefix) * self.block_size
-        self.blocks.record_prefix_query(seq.num_prompt_tokens, seq.num_cached_tokens)
-        self.seqs[seq.request_id] = seq
-        self.remote[seq.request_id] = seq
-        return RemoteReservation(list(seq.block_table), len(prefix))
+        reservation = self.kv.reserve(seq, self.blocks, len(self.running), bool(self.waiting))
+        if reservation is not None:
+            self.seqs[seq.request_id] = seq
+        return reservation
 
     def admit_remote(self, request_id: str, first_token: int) -> Sequence:
         """The prompt's KV has landed and its first token is known: decode it from the next step."""
-        seq = self.remote.pop(request_id)
+        seq = self.kv.take(request_id)
         seq.num_computed_tokens = seq.num_prompt_tokens
         self.blocks.cache_full_blocks(seq)
         seq.append_token(first_token)
@@ -179,7 +157,7 @@ class Scheduler:
         seq.num_computed_tokens = end
         seq.inflight += 1
         if seq.transfer is not None and start < seq.num_prompt_tokens:
-            self._transfer_chunk(out, seq, end)
+            self.kv.plan_chunk(out, seq, end)
         if sample:
             index = end - seq.num_prompt_tokens
             out.output_index.append(index)
@@ -187,19 +165,6 @@ class Scheduler:
             seq.num_placeholders += 1
         else:
             out.output_index.append(-1)
-
-    def _transfer_chunk(self, out: SchedulerOutput, seq: Sequence, end: int) -> None:
-        """The blocks this row's chunk (prompt tokens up to `end`) completes or starts, from the first one the
-        decode group does not have yet: sent layer by layer as the chunk computes. A partial last block is sent
-        again with the next chunk, complete."""
-        bs, spec = self.block_size, seq.transfer
-        assert spec is not None
-        final = end >= seq.num_prompt_tokens
-        first, last = seq.transfer_sent, -(-end // bs)
-        if last > first:
-            out.transfers[len(out.request_ids) - 1] = TransferChunk(
-                spec.peer, seq.block_table[first:last], first - spec.skip_blocks, final)
-        seq.transfer_sent = last if final else end // bs
 
     def _preempt(self, seq: Sequence) -> None:
         if self._inflight:
@@ -319,7 +284,7 @@ class Scheduler:
         seq = self.seqs.pop(request_id, None)
         if seq is None:
             return None
-        if self.remote.pop(request_id, None) is not None:
+        if self.kv.reserved.pop(request_id, None) is not None:
             pass
         elif seq.status == SequenceStatus.RUNNING:
             self.running.remove(seq)

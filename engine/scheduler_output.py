@@ -38,6 +38,17 @@ class TransferChunk:
     final: bool
 
 
+@dataclass
+class TransferEvents:
+    """What one rank's KV connector reports with a step's result (or when polled): requests whose chunk it sent
+    or failed to send, and requests whose KV landed or failed to arrive on it."""
+
+    sent: list[str] = field(default_factory=list)
+    send_failed: dict[str, str] = field(default_factory=dict)
+    landed: list[str] = field(default_factory=list)
+    recv_failed: dict[str, str] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class NewRequest:
     """A request entering the runner's batch at `slot` (first schedule, or again after a preemption): the runner

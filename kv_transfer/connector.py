@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from engine.scheduler_output import TransferEvents
 from kv_transfer.receiver import KVReceiver
 from kv_transfer.sender import KVSender
 
@@ -39,16 +40,12 @@ class KVConnector(KVReceiver, KVSender):
         return {"bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
                 "max_staging_bytes": self.max_staging_bytes}
 
-    def end_step(self, out: Any) -> dict[str, Any]:
-        """Wait for this step's sends; returns {"sent": [ids], "failed": {id: error}} and, on a rank that receives,
-        the transfers that landed or failed since the last step ({"landed": [ids], "recv_failed": {id: error}}),
-        so that a decode group learns of them with its step's result rather than by polling."""
+    def end_step(self, out: Any) -> TransferEvents:
+        """Wait for this step's sends; report them, and on a rank that receives the transfers that landed or
+        failed since the last report, so a decode group learns of them with its step's result, not by polling."""
         sent, failed = self._end_sends()
-        events: dict[str, Any] = {"sent": sent, "failed": failed}
-        if self.generation:  # this rank receives (listen was called)
-            polled = self.poll()
-            events["landed"], events["recv_failed"] = polled["landed"], polled["failed"]
-        return events
+        polled = self.poll() if self.generation else TransferEvents()  # generation: listen was called
+        return TransferEvents(sent, failed, polled.landed, polled.recv_failed)
 
     def close(self) -> None:
         self.closed = True

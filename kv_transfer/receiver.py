@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from engine.scheduler_output import TransferEvents
 from kv_transfer.channel import ChannelClosed, KVChannel
 from kv_transfer.layout import HeadSlice, make_transfer_plan
 from kv_transfer.wire import DTYPE_CODES, HEADER_WORDS, TABLE_WORDS, Header, WireError, transfer_key, unpack_table
@@ -94,10 +95,10 @@ class KVReceiver:
                 self.failed.pop(rid, None)
             self.landed = [r for r in self.landed if r not in request_ids]
 
-    def poll(self) -> dict[str, Any]:
-        """Drain events: {"landed": [request ids], "failed": {request id: error}}."""
+    def poll(self) -> TransferEvents:
+        """Drain what landed and what failed since the last poll."""
         with self.lock:
-            out = {"landed": self.landed, "failed": self.failed}
+            out = TransferEvents(landed=self.landed, recv_failed=self.failed)
             self.landed, self.failed = [], {}
         return out
 

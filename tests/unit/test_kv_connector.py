@@ -1,34 +1,36 @@
-"""Decode-side remote prefill bookkeeping: readiness needs every rank and the first token; deadlines fail."""
+"""The KV connector's scheduler side on a decode engine: reservations share the cached prefix, readiness needs every
+rank and the first token, deadlines fail."""
 
 from engine.config import CacheConfig, SchedulerConfig
-from engine.remote_prefill import RemotePrefills
+from engine.kv_connector import RemoteReservation, SchedulerConnector
 from engine.sampling_params import SamplingParams
-from engine.scheduler import RemoteReservation, Scheduler
+from engine.scheduler import Scheduler
+from engine.scheduler_output import TransferEvents
 from engine.sequence import Sequence
 
 
 def test_ready_needs_all_ranks_and_first_token():
-    r = RemotePrefills(tp_size=2)
-    r.add("a", timeout_s=60)
-    r.add("b", timeout_s=60)
-    assert r.apply([{"landed": ["a"]}, {}]) == ([], {})
+    r = SchedulerConnector(block_size=4, tp_size=2)
+    r.await_transfer("a", timeout_s=60)
+    r.await_transfer("b", timeout_s=60)
+    assert r.fold([TransferEvents(landed=["a"]), TransferEvents()]) == ([], {})
     r.set_first_token("a", 9)
-    assert r.apply([{}, {"landed": ["a", "b"]}]) == ([("a", 9)], {})
-    assert r.apply([{"failed": {"b": "boom"}}, {"landed": ["b"]}]) == ([], {"b": "boom"})
+    assert r.fold([TransferEvents(), TransferEvents(landed=["a", "b"])]) == ([("a", 9)], {})
+    assert r.fold([TransferEvents(recv_failed={"b": "boom"}), TransferEvents(landed=["b"])]) == ([], {"b": "boom"})
     assert r.pending == {}
 
 
 def test_deadline_covers_landing_and_first_token():
     now = [100.0]
-    r = RemotePrefills(tp_size=1, clock=lambda: now[0])
-    r.add("no_kv", timeout_s=10)
-    r.add("no_token", timeout_s=10)
-    r.add("late", timeout_s=30)
-    r.apply([{"landed": ["no_token"]}])
+    r = SchedulerConnector(block_size=4, tp_size=1, clock=lambda: now[0])
+    r.await_transfer("no_kv", timeout_s=10)
+    r.await_transfer("no_token", timeout_s=10)
+    r.await_transfer("late", timeout_s=30)
+    r.fold([TransferEvents(landed=["no_token"])])
     now[0] = 110.0
-    assert r.apply([{}]) == ([], {})  # at the deadline, not past it
+    assert r.fold([]) == ([], {})  # at the deadline, not past it
     now[0] = 110.5
-    ready, failed = r.apply([{}])
+    ready, failed = r.fold([])
     assert ready == [] and "within its deadline" in failed["no_kv"] and "first token" in failed["no_token"]
     assert set(failed) == {"no_kv", "no_token"} and list(r.pending) == ["late"]
 
