@@ -39,6 +39,8 @@ SERVE_FLAGS: list[tuple[str, type, str]] = [
     ("tls-key", str, "PEM private key of --tls-cert"),
     ("served-model-name", str, "the model's name in the OpenAI API (default: the model directory's name)"),
     ("chat-template", str, "Jinja chat template file (default: the model's own)"),
+    ("max-prompt-chars", int, "text prompts longer than this are refused before tokenizing (default: the most "
+     "characters the allowed prompt tokens can spell)"),
 ]
 
 

@@ -53,6 +53,7 @@ class ServeConfig:
     tls_key: str | None = None
     served_model_name: str | None = None
     chat_template: str | None = None
+    max_prompt_chars: int | None = None  # text prompts over this are refused untokenized; None = derived bound
 
     def __post_init__(self) -> None:
         if not os.path.isfile(os.path.join(self.model, "config.json")):
@@ -86,7 +87,7 @@ class ServeConfig:
                             queue_timeout_s=self.queue_timeout_s, transfer_timeout_s=self.transfer_timeout_s,
                             routing_policy=self.routing_policy, http_port=self.http_port, api_key=self._api_key(),
                             tls_cert=self.tls_cert, tls_key=self.tls_key, served_model_name=self.served_model_name,
-                            chat_template=self.chat_template)
+                            chat_template=self.chat_template, max_prompt_chars=self.max_prompt_chars)
 
     def _api_key(self) -> str | None:
         if self.api_key_file is None:
