@@ -57,6 +57,7 @@ class EngineStats:
 class EngineLoop:
     def __init__(self, engine: LLMEngine, name: str = "engine") -> None:
         self.engine = engine
+        engine.defer_expects = True  # reservations between two steps: one registration call for all of them
         self._calls: queue.SimpleQueue[tuple[Callable[[LLMEngine], Any], concurrent.futures.Future]] = \
             queue.SimpleQueue()
         self._wake = threading.Event()
@@ -126,22 +127,42 @@ class EngineLoop:
                            len(s.remote), self.engine.prefix_cache_hit_rate, self._steps)
 
     def _run_calls(self) -> None:
-        while True:
-            try:
-                fn, fut = self._calls.get_nowait()
-            except queue.Empty:
-                return
-            if not fut.set_running_or_notify_cancel():
-                continue
-            self.busy_since = time.monotonic()
-            try:
-                fut.set_result(fn(self.engine))
-            except BaseException as e:  # the caller gets it; the loop carries on, unless the ranks are gone
+        """Run every queued call, then register the reservations they made on the ranks in one batched call,
+        and only then answer them: a reservation's caller may tell the prefill side to send at once."""
+        eng = self.engine
+        answers: list[tuple[concurrent.futures.Future, Any, list[str]]] = []
+        try:
+            while True:
+                try:
+                    fn, fut = self._calls.get_nowait()
+                except queue.Empty:
+                    break
+                if not fut.set_running_or_notify_cancel():
+                    continue
+                self.busy_since = time.monotonic()
+                queued = len(eng._expects)
+                try:
+                    value = fn(eng)
+                    answers.append((fut, value, [e[0] for e in eng._expects[queued:]]))
+                except BaseException as e:  # the caller gets it; the loop carries on, unless the ranks are gone
+                    fut.set_exception(e)
+                    if isinstance(e, (DistError, WorkerError)):
+                        raise
+                finally:
+                    self.busy_since = None
+            failed = eng.flush_expects() if eng._expects else {}
+        except BaseException as e:
+            for fut, _, _ in answers:
                 fut.set_exception(e)
-                if isinstance(e, (DistError, WorkerError)):
-                    raise
-            finally:
-                self.busy_since = None
+            raise
+        for fut, value, rids in answers:
+            error = next((failed[r] for r in rids if r in failed), None)
+            if error is None:
+                fut.set_result(value)
+                continue
+            for r in rids:
+                self._sinks.pop(r, None)
+            fut.set_exception(RuntimeError(f"could not register the transfer on every rank: {error}"))
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         pairs = []

@@ -16,8 +16,10 @@ import itertools
 import time
 from collections import deque
 
+from torch.distributed import DistError
+
 from engine.config import EngineConfig
-from engine.executor import Executor, LocalExecutor, MultiprocExecutor
+from engine.executor import Executor, LocalExecutor, MultiprocExecutor, WorkerError
 from engine.kv_connector import RemoteReservation
 from engine.output_processor import OutputState
 from engine.outputs import Logprob, RequestOutput
@@ -70,6 +72,10 @@ class LLMEngine:
         self.async_scheduling = bool(config.runtime.resolved(config.device).async_scheduling)
         self._inflight: deque = deque()  # (SchedulerOutput, executor handle), oldest first
         self.wait_s = 0.0  # seconds step() spent waiting for the device's results (the rest is host work)
+        # A serving loop (engine_loop) sets this: reservations made between two steps are registered on the ranks
+        # in one batched call (`flush_expects`) instead of one broadcast each.
+        self.defer_expects = False
+        self._expects: list[tuple[str, list[int], str, int]] = []
 
     # ---- requests -----------------------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -120,17 +126,40 @@ class LLMEngine:
         reservation = self.scheduler.reserve_remote(seq)
         if reservation is None:
             return None
-        try:
-            self.executor.call_extension("expect", request_id, reservation.missing_blocks, peer, prefill_tp)
-        except Exception:
-            try:  # ranks where it did register must forget it before the blocks are reused
-                self.executor.call_extension("cancel", [request_id])
-            finally:
-                self.scheduler.finish(request_id, "abort")
-            raise
+        expect = (request_id, reservation.missing_blocks, peer, prefill_tp)
         self._states[request_id] = _RequestState(seq, self._out_tokenizer)
         self._kv.await_transfer(request_id, timeout_s)
+        if self.defer_expects:
+            self._expects.append(expect)
+        else:
+            error = self._register([expect]).get(request_id)
+            if error is not None:
+                raise RuntimeError(f"could not register the transfer on every rank: {error}")
         return reservation
+
+    def flush_expects(self) -> dict[str, str]:
+        """Register every deferred reservation (`defer_expects`) on every rank in one call; the engine loop does
+        this after each batch of calls, before answering them. Returns {request id: error} for reservations that
+        could not be registered (they are aborted and their blocks freed)."""
+        batch, self._expects = self._expects, []
+        return self._register(batch) if batch else {}
+
+    def _register(self, batch: list[tuple[str, list[int], str, int]]) -> dict[str, str]:
+        try:
+            self.executor.call_extension("expect_many", batch)
+            return {}
+        except (DistError, WorkerError):
+            raise  # a rank is gone: the engine is dead
+        except Exception as e:
+            rids = [b[0] for b in batch]
+            try:  # ranks where they did register must forget them before the blocks are reused
+                self.executor.call_extension("cancel", rids)
+            finally:
+                for rid in rids:
+                    self._kv.discard(rid)
+                    self.scheduler.finish(rid, "abort")
+                    self._states.pop(rid, None)
+            return {rid: str(e) for rid in rids}
 
     def call_extension(self, method: str, *args) -> list:
         """Call a worker-extension method on every rank (e.g. KV channel setup); results in rank order."""
@@ -160,6 +189,7 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> bool:
         """Stop a request now (its blocks are freed once no step in flight writes them); the next `step()`
         reports it with finish_reason "abort"."""
+        self._expects = [e for e in self._expects if e[0] != request_id]
         if self._kv.discard(request_id):
             self.executor.call_extension("cancel", [request_id])
         seq = self.scheduler.finish(request_id, "abort")
@@ -182,6 +212,8 @@ class LLMEngine:
         """Run one batch; return an output for every request that got a token, finished or was aborted. With
         async scheduling the tokens returned are those of the previous batch, collected once this one is queued."""
         outputs, self._aborted = self._aborted, []
+        if self._expects:
+            self.flush_expects()
         if self._kv.pending and not self._inflight and not (self.scheduler.running or self.scheduler.waiting):
             # Only transfers outstanding, so no step carries their events: ask the ranks directly.
             outputs += self._apply_landing(self.executor.call_extension("poll"))

@@ -87,6 +87,11 @@ class KVReceiver:
             self.expected[transfer_key(request_id)] = _Expected(
                 request_id, peer, torch.tensor(dst_blocks, dtype=torch.int64, device=self.device), parts)
 
+    def expect_many(self, batch: list[tuple[str, list[int], str, int]]) -> None:
+        """`expect` for each (request id, destination blocks, peer, prefill tp): one call per step on a group."""
+        for request_id, dst_blocks, peer, prefill_tp in batch:
+            self.expect(request_id, dst_blocks, peer, prefill_tp)
+
     def cancel(self, request_ids: list[str]) -> None:
         """After this returns, no data for these requests is written (their blocks may be reused)."""
         with self.lock:

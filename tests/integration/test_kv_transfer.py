@@ -277,3 +277,30 @@ def test_receive_staging_is_bounded_by_two_pieces(llama_dir, monkeypatch):
     finally:
         p.shutdown()
         d.shutdown()
+
+
+def test_reservations_between_steps_register_in_one_call(llama_dir, reference):
+    """As a serving loop runs it (defer_expects): three reservations, then one registration call on the decode
+    group's two ranks, not one broadcast each; the transfers then land and decode as usual."""
+    p, d = engine(llama_dir, num_blocks=64), engine(llama_dir, tp=2, num_blocks=64)
+    try:
+        wire(p, "p0", d, "d0")
+        calls: list[str] = []
+        call = d.executor.call_extension
+        d.executor.call_extension = lambda method, *a: (calls.append(method), call(method, *a))[1]
+        d.defer_expects = True
+        ps = prompts(3)
+        for i, pr in enumerate(ps):
+            assert d.reserve_remote_prefill(f"b{i}", pr, GREEDY, "p0", 1) is not None
+        assert calls == [] and d.flush_expects() == {} and calls == ["expect_many"]
+        for i, pr in enumerate(ps):
+            p.add_request(f"b{i}", pr, GREEDY, transfer={"peer": "d0"})
+        firsts = run_until_done(p, {f"b{i}" for i in range(3)})
+        for rid, o in firsts.items():
+            d.set_first_token(rid, o.token_ids[0])
+        outs = run_until_done(d, set(firsts))
+        assert [outs[f"b{i}"].token_ids for i in range(3)] == reference[:3]
+        assert d.num_free_blocks == 64
+    finally:
+        p.shutdown()
+        d.shutdown()
