@@ -41,7 +41,7 @@ def profile_batch(llm, prompts: list[list[int]], steps: int, variant: str, top: 
     for _ in range(steps):
         eng.step()
     prof.disable()
-    gpu = gpu_busy(eng, steps) if torch.cuda.is_available() else []
+    gpu = (gpu_timeline(eng, steps) + gpu_busy(eng, steps)) if torch.cuda.is_available() else []
     while eng.has_unfinished_requests():
         eng.step()
     stats = pstats.Stats(prof).stats  # (file, line, name) -> (calls, primitive calls, own s, cumulative s, callers)
@@ -52,6 +52,37 @@ def profile_batch(llm, prompts: list[list[int]], steps: int, variant: str, top: 
     by_cum = sorted((r for r in rows if r["ours"]), key=lambda r: -r["cpu_ms"])[:top]
     sep = [dict(name="--- kvrelay functions by cumulative time ---", self_cpu_ms=0.0, cpu_ms=0.0, calls=0.0)]
     return by_own + sep + by_cum + gpu
+
+
+def gpu_timeline(eng, steps: int) -> list[dict]:
+    """Per step, the device time from the step's first queued operation to its last (its GPU work) and the gap
+    from the previous step's last one (the GPU idle between steps), from CUDA events around the runner's
+    execute: a step queued before the previous one ends shows no gap."""
+    runner = eng.executor.runner
+    execute = runner.execute
+    marks: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def timed(*a, **kw):  # benchmark-only wrapper
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        try:
+            return execute(*a, **kw)
+        finally:
+            end.record()
+            marks.append((start, end))
+
+    runner.execute = timed
+    try:
+        for _ in range(steps):
+            eng.step()
+        torch.cuda.synchronize()
+    finally:
+        del runner.execute
+    busy = [s.elapsed_time(e) for s, e in marks]
+    gaps = [max(0.0, marks[i - 1][1].elapsed_time(marks[i][0])) for i in range(1, len(marks))]
+    return [dict(name=f"--- GPU timeline: busy {sum(busy) / len(busy):.3f} ms/step, idle between steps "
+                      f"{sum(gaps) / max(len(gaps), 1):.3f} ms/step ({len(marks)} steps) ---",
+                 self_cpu_ms=sum(busy) / len(busy), cpu_ms=sum(gaps) / max(len(gaps), 1), calls=float(len(marks)))]
 
 
 def gpu_busy(eng, steps: int) -> list[dict]:

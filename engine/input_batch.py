@@ -130,11 +130,8 @@ class PersistentBatch:
             lp = int(self.logprobs[sel].max())
             sampling = SamplingBatch(all_greedy=not self.temperature[sel].any(), max_logprobs=None if lp < 0 else lp)
             if not sampling.all_greedy:
-                sampling.temperature = self.float_params[0][sample_slots]
-                sampling.top_p = self.float_params[1][sample_slots]
-                sampling.top_k = self.int_params[0][sample_slots]
-                sampling.noise_seed = self.int_params[1][sample_slots]
-                sampling.output_index = sample_index
+                sampling.slots, sampling.output_index = sample_slots, sample_index
+                sampling.float_params, sampling.int_params = self.float_params, self.int_params
         return StepInputs(n_rows, packed_dev, input_ids, query_start, sample_rows, sample_slots, sampling)
 
     def record_sampled(self, sample_slots: torch.Tensor, token_ids: torch.Tensor) -> None:

@@ -20,7 +20,7 @@ from engine.sampling_noise import rejection_sample, row_keys
 
 @dataclass
 class SamplerOutput:
-    token_ids: torch.Tensor  # [num_seqs] int64
+    token_ids: torch.Tensor | None  # [num_seqs] int64 (set by the time the sampler returns)
     # Only when some request asked for logprobs (rows of the others are computed but ignored):
     sampled_logprobs: torch.Tensor | None = None  # [num_seqs] float32, log p(sampled token)
     top_logprobs: torch.Tensor | None = None  # [num_seqs, max_n] float32
@@ -29,33 +29,40 @@ class SamplerOutput:
 
 @dataclass
 class SamplingBatch:
-    """Per-row sampling inputs on the logits' device, and host flags about them."""
+    """Per-row sampling inputs on the logits' device, and host flags about them. The parameters stay in the
+    persistent batch's per-slot tensors; row i reads slot `slots[i]` (the Triton kernel loads them itself)."""
 
-    all_greedy: bool  # then the tensors below are None: the argmax needs none of them
+    all_greedy: bool  # then the tensors below are not needed: the argmax takes none of them
     max_logprobs: int | None  # largest logprobs=n asked in the batch; None when no row asks
-    temperature: torch.Tensor | None = None  # [n] float32, 0 = greedy
-    top_k: torch.Tensor | None = None  # [n] int64, 0 = off
-    top_p: torch.Tensor | None = None  # [n] float32, 1 = off
-    noise_seed: torch.Tensor | None = None  # [n] int64
+    slots: torch.Tensor | None = None  # [n] int64: each row's persistent-batch slot
     output_index: torch.Tensor | None = None  # [n] int64: which output of its request each row samples
+    float_params: torch.Tensor | None = None  # [2, slots] float32: temperature (0 = greedy), top_p (1 = off)
+    int_params: torch.Tensor | None = None  # [2, slots] int64: top_k (0 = off), noise seed
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(temperature, top_k, top_p, noise seed), one entry per row."""
+        assert self.slots is not None and self.float_params is not None and self.int_params is not None
+        return (self.float_params[0][self.slots], self.int_params[0][self.slots], self.float_params[1][self.slots],
+                self.int_params[1][self.slots])
 
 
 class Sampler:
     def __call__(self, logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
         # logits: [num_seqs, vocab] float32
-        out = SamplerOutput(token_ids=logits.argmax(dim=-1))
+        out = SamplerOutput(token_ids=logits.argmax(dim=-1) if b.all_greedy or not logits.is_cuda else None)
         if b.max_logprobs is not None:
             logp = torch.log_softmax(logits, dim=-1)
             if b.max_logprobs > 0:
                 out.top_logprobs, out.top_token_ids = logp.topk(b.max_logprobs, dim=-1)
         if not b.all_greedy:
-            keys = row_keys(b.noise_seed, b.output_index)
-            if logits.is_cuda:
+            if logits.is_cuda:  # one launch: the kernel gathers the rows' parameters and hashes their keys
                 from engine.layers.triton_sampling import sample
 
-                out.token_ids = sample(logits, b.temperature, b.top_k, b.top_p, keys)
+                out.token_ids = sample(logits, b)
             else:
-                out.token_ids = rejection_sample(logits, b.temperature, b.top_k, b.top_p, keys)
+                temperature, top_k, top_p, seed = b.rows()
+                keys = row_keys(seed, b.output_index)
+                out.token_ids = rejection_sample(logits, temperature, top_k, top_p, keys)
         if b.max_logprobs is not None:
             out.sampled_logprobs = logp.gather(-1, out.token_ids[:, None]).squeeze(-1)
         return out

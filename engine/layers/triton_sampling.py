@@ -6,6 +6,8 @@ reproduces the torch reference's noise bits; greedy rows (temperature 0) take th
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -23,16 +25,22 @@ def _lowbias32(x):
 
 
 @triton.jit
-def _sample_kernel(logits_ptr, stride, temp_ptr, top_k_ptr, top_p_ptr, key_ptr, out_ptr, vocab,
+def _sample_kernel(logits_ptr, stride, slot_ptr, index_ptr, fparams_ptr, iparams_ptr, num_slots, out_ptr, vocab,
                    MAX_ROUNDS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     base = logits_ptr + row * stride
-    t = tl.load(temp_ptr + row)
+    # The row's parameters from the persistent batch: [2, slots] float (temperature, top_p), int (top_k, seed).
+    slot = tl.load(slot_ptr + row)
+    t = tl.load(fparams_ptr + slot)
+    top_p = tl.load(fparams_ptr + num_slots + slot)
+    top_k = tl.load(iparams_ptr + slot)
+    seed = tl.load(iparams_ptr + num_slots + slot)
     greedy = t <= 0.0
     t = tl.where(greedy, 1.0, t)
-    top_k = tl.load(top_k_ptr + row)
-    top_p = tl.load(top_p_ptr + row)
-    key0 = tl.load(key_ptr + row).to(tl.uint32)
+    # sampling_noise.row_keys: the key of (seed, output index), in uint32 arithmetic.
+    k = _lowbias32((seed & 0xFFFFFFFF).to(tl.uint32)) ^ ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    index = tl.load(index_ptr + row)
+    key0 = _lowbias32(_lowbias32(k) ^ (index & 0xFFFFFFFF).to(tl.uint32))
     # Online max and normaliser of s = logits / t.
     m = tl.full((), float("-inf"), tl.float32)
     z = tl.full((), 0.0, tl.float32)
@@ -92,13 +100,12 @@ def _sample_kernel(logits_ptr, stride, temp_ptr, top_k_ptr, top_p_ptr, key_ptr, 
     tl.store(out_ptr + row, result)
 
 
-def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-           keys: torch.Tensor) -> torch.Tensor:
-    """As `engine.sampling_noise.rejection_sample`: logits [n, vocab] float32 (rows contiguous), per-row
-    temperature/top_p float32, top_k/keys int64 -> [n] int64 tokens."""
+def sample(logits: torch.Tensor, b: Any) -> torch.Tensor:
+    """As `engine.sampling_noise.rejection_sample` over `b` (an engine.sampler.SamplingBatch: rows' slots and
+    output indices, the persistent per-slot parameters): logits [n, vocab] float32 -> [n] int64 tokens."""
     n, vocab = logits.shape
     out = torch.empty(n, dtype=torch.int64, device=logits.device)
     if n:
-        _sample_kernel[(n,)](logits, logits.stride(0), temperature, top_k, top_p, keys, out, vocab,
-                             MAX_ROUNDS=MAX_ROUNDS, BLOCK=2048, num_warps=8)
+        _sample_kernel[(n,)](logits, logits.stride(0), b.slots, b.output_index, b.float_params, b.int_params,
+                             b.float_params.shape[1], out, vocab, MAX_ROUNDS=MAX_ROUNDS, BLOCK=2048, num_warps=8)
     return out

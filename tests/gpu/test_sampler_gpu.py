@@ -27,13 +27,18 @@ def release_gpu_memory():
 
 
 def batch(n, device, seed=0):
+    """Rows reading a persistent batch of 2n slots, in a shuffled order, as the runner hands them over."""
     g = torch.Generator().manual_seed(seed)
     temp = torch.tensor([0.0, 0.8, 1.0, 1.3, 0.5, 0.0, 0.7, 2.0][:n])
     top_k = torch.tensor([0, 0, 40, 0, 5, 3, 0, 100][:n])
     top_p = torch.tensor([1.0, 0.95, 1.0, 0.9, 1.0, 0.5, 0.8, 1.0][:n])
-    return SamplingBatch(all_greedy=False, max_logprobs=None, temperature=temp.to(device), top_k=top_k.to(device),
-                         top_p=top_p.to(device), noise_seed=torch.randint(0, 2**62, (n,), generator=g).to(device),
-                         output_index=torch.randint(0, 1000, (n,), generator=g).to(device))
+    slots = torch.randperm(2 * n, generator=g)[:n]
+    fparams, iparams = torch.zeros(2, 2 * n), torch.zeros(2, 2 * n, dtype=torch.int64)
+    fparams[0, slots], fparams[1, slots], iparams[0, slots] = temp, top_p, top_k
+    iparams[1, slots] = torch.randint(0, 2**62, (n,), generator=g)
+    return SamplingBatch(all_greedy=False, max_logprobs=None, slots=slots.to(device),
+                         output_index=torch.randint(0, 1000, (n,), generator=g).to(device),
+                         float_params=fparams.to(device), int_params=iparams.to(device))
 
 
 def test_triton_draw_equals_torch_reference():
