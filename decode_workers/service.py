@@ -36,7 +36,9 @@ class DecodeService(wpb_grpc.DecodeGroupServicer):
         """(request id, (prompt, sampling parameters)) of a valid request; ValueError says what is wrong."""
         rid = checks.identifier(request.request_id, "request_id")
         prompt = checks.prompt(request.prompt_token_ids, self.vocab_size, self.max_model_len)
-        return rid, (prompt, SamplingParams(**checks.sampling(request.sampling, self.vocab_size)))
+        params = SamplingParams(**checks.sampling(request.sampling, self.vocab_size),
+                                output_offset=request.output_offset)  # a migrated request's noise continues
+        return rid, (prompt, params)
 
     def _check_decode(self, request: wpb.DecodeRequest) -> tuple[str, tuple[list[int], SamplingParams, float]]:
         """`_check`, the transfer deadline, and the pair's wiring (FAILED_PRECONDITION: not the caller's input

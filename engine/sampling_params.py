@@ -31,6 +31,10 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    # Outputs this request already produced elsewhere (a request migrated from a failed decode group continues
+    # with prompt + those tokens): seeded sampling noise continues at this output index, so the stream is the
+    # one an unfailed run draws. Set by the router for workers, never by clients.
+    output_offset: int = 0
 
     def __post_init__(self) -> None:
         # Accept lists from callers but store tuples (frozen and hashable).
@@ -54,6 +58,8 @@ class SamplingParams:
             raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
         if any(t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be non-negative, got {self.stop_token_ids!r}")
+        if not isinstance(self.output_offset, int) or self.output_offset < 0:
+            raise ValueError(f"output_offset must be a non-negative integer, got {self.output_offset!r}")
         if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
 

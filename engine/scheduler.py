@@ -159,7 +159,7 @@ class Scheduler:
         if seq.transfer is not None and start < seq.num_prompt_tokens:
             self.kv.plan_chunk(out, seq, end)
         if sample:
-            index = end - seq.num_prompt_tokens
+            index = end - seq.num_prompt_tokens + seq.params.output_offset  # a migrated request continues
             out.output_index.append(index)
             tokens.append(PLACEHOLDER)
             seq.num_placeholders += 1
@@ -255,7 +255,7 @@ class Scheduler:
             seq.resolve(token)
             cache(seq)
             changed.append(seq)
-            reason = self._token_stop(seq, token, index)
+            reason = self._token_stop(seq, token, index - seq.params.output_offset)  # this engine's output
             if reason is not None:
                 self.finish(seq.request_id, reason)
         return changed

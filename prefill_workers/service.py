@@ -39,7 +39,8 @@ class PrefillService(wpb_grpc.PrefillWorkerServicer):
         """(request id, (prompt, parameters, transfer)) of a valid request; ValueError or Refusal otherwise."""
         rid = checks.identifier(request.request_id, "request_id")
         prompt = checks.prompt(request.prompt_token_ids, self.vocab_size, self.max_model_len)
-        params = SamplingParams(**checks.sampling(request.sampling, self.vocab_size))
+        params = SamplingParams(**checks.sampling(request.sampling, self.vocab_size),
+                                output_offset=request.output_offset)
         if request.decode_group and request.decode_group not in self.connected:
             # Not the caller's input alone: the pair may need (re-)wiring, so a router retries elsewhere.
             raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, f"prefill worker {self.name} has no KV channels to "

@@ -88,16 +88,18 @@ class ClientStream:
                      self.decode_cached_tokens)
 
 
-async def relay(events: AsyncIterator[Tokens | Finished], group: str, out: ClientStream) -> AsyncIterator[Chunk]:
+async def relay(events: AsyncIterator[Tokens | Finished], group: str, out: ClientStream,
+                offset: int = 0) -> AsyncIterator[Chunk]:
     """Follow a decode group's events into `out` until the request is finished (by the group, or by a stop
     string here: the caller then cancels the call). Tokens `out` already has (the first one, from the prefill
-    worker) are skipped. A failed or aborted stream is the client's UNAVAILABLE.
+    worker) are skipped. A failed or aborted stream is the client's UNAVAILABLE. `offset`: the group's output 0
+    is the client's output `offset` (a migrated request continues after the tokens it had streamed).
 
     Reading runs ahead of the client: a task feeds `out` while the previous chunk is being written, and the next
     chunk carries everything that came meanwhile. Under load (a slow client, a busy loop) a chunk carries several
     tokens and the client costs one write per chunk, not per token; when idle, each token goes out as it comes."""
     ready = asyncio.Event()
-    reader = asyncio.ensure_future(_read(events, group, out, ready))
+    reader = asyncio.ensure_future(_read(events, group, out, ready, offset))
     try:
         while True:
             await ready.wait()
@@ -117,7 +119,7 @@ async def relay(events: AsyncIterator[Tokens | Finished], group: str, out: Clien
 
 
 async def _read(events: AsyncIterator[Tokens | Finished], group: str, out: ClientStream,
-                ready: asyncio.Event) -> None:
+                ready: asyncio.Event, offset: int) -> None:
     """Account each event into `out` and wake the writer; ends when the request is finished or the stream
     ends (the writer then sees why)."""
     try:
@@ -127,7 +129,7 @@ async def _read(events: AsyncIterator[Tokens | Finished], group: str, out: Clien
                 lp_off = len(ev.token_ids) - len(ev.logprobs)  # logprobs cover the last tokens (not the first)
                 for i, tok in enumerate(ev.token_ids):
                     lp = ev.logprobs[i - lp_off] if ev.logprobs and i >= lp_off else None
-                    if ev.start_index + i >= out.received and out.add(tok, lp):
+                    if offset + ev.start_index + i >= out.received and out.add(tok, lp):
                         break
             elif isinstance(ev, Finished):
                 if ev.finish_reason == "abort":

@@ -23,6 +23,9 @@ class RouterConfig:
     # requests wait in the router's line instead of in the worker's queue, where their decode reservations would
     # idle and their transfer deadlines run.
     prefill_inflight_tokens: int = 16384
+    # Re-placements one request may take (prefill retries and mid-stream migrations off a lost decode group
+    # together): it is placed at most 1 + this many times, then fails UNAVAILABLE with the last cause.
+    migration_limit: int = 3
     # How often worker load (free blocks, queue lengths, health) is polled.
     load_poll_interval_s: float = 0.2
     # Routing of prompts to prefill workers: longest cached prefix then load ("cache_aware"), or by load alone.
@@ -58,6 +61,8 @@ class RouterConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.routing_policy not in POLICIES:
             raise ValueError(f"routing_policy must be one of {POLICIES}, got {self.routing_policy!r}")
+        if self.migration_limit < 0:
+            raise ValueError(f"migration_limit must be >= 0, got {self.migration_limit}")
         if self.prefill_inflight_tokens < 1:
             raise ValueError(f"prefill_inflight_tokens must be >= 1, got {self.prefill_inflight_tokens}")
         if self.balance_abs_threshold < 0:

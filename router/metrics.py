@@ -71,6 +71,8 @@ class RouterMetrics:
                                          "was retried or failed)")
         self.preemptions = counter("kvrelay:num_preemptions", "Requests the workers' schedulers preempted")
         self.retries = counter("kvrelay:request_retries", "Prefills retried on a fresh placement")
+        self.migrations = counter("kvrelay:request_migrations", "Requests moved, mid-stream, off a lost decode group "
+                                  "(prompt + streamed tokens placed again)")
         self.running = Gauge("kvrelay:num_requests_running", "Requests a worker is computing",
                              [*model, "worker"], registry=r)
         self.waiting = Gauge("kvrelay:num_requests_waiting", "Requests queued on a worker (decode: reserved, "
@@ -125,6 +127,9 @@ class RouterMetrics:
 
     def retried(self) -> None:
         self.retries.inc()
+
+    def migrated(self) -> None:
+        self.migrations.inc()
 
     # ---- workers (the load poll) --------------------------------------------------------------------------
     def worker_load(self, name: str, running: int, waiting: int, num_blocks: int, free_blocks: int,

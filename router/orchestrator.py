@@ -30,6 +30,7 @@ from router.errors import (
     RequestError,
 )
 from router.metrics import RouterMetrics
+from router.migration import Attempts, continuation
 from router.policy import RoutingPolicy
 from router.prefix_index import block_hashes
 from router.requests import RequestSpec
@@ -46,7 +47,6 @@ from router.worker_api import (
 from router.workers import Worker, WorkerPool
 
 log = logging.getLogger("kvrelay.router")
-PREFILL_ATTEMPTS = 3
 # A decode group answers a reservation in milliseconds; one that does not within this is treated as down.
 RESERVE_TIMEOUT_S = 10.0
 
@@ -68,8 +68,10 @@ class Orchestrator:
     """Mutates: worker views (in-flight counts), prefix indexes, the waiting room and the metrics."""
 
     def __init__(self, config: RouterConfig, pool: WorkerPool, tokenizer: Tokenizer | None,
-                 metrics: RouterMetrics | None = None, kv_bytes_per_token: int = 0) -> None:
+                 metrics: RouterMetrics | None = None, kv_bytes_per_token: int = 0,
+                 eos_token_ids: tuple[int, ...] = ()) -> None:
         self.config, self.pool, self.tokenizer = config, pool, tokenizer
+        self.eos_token_ids = eos_token_ids  # a migrated request whose last token was EOS is finished already
         self.kv_bytes_per_token = kv_bytes_per_token  # of the prompt KV a transfer moves (for the metrics)
         self.policy = RoutingPolicy(config.routing_policy, config.balance_abs_threshold)
         self.room = WaitingRoom(config.max_queued_requests)
@@ -85,6 +87,8 @@ class Orchestrator:
         healthy one is full. Raises UNAVAILABLE when none is healthy."""
         healthy = [w for w in self.pool.prefill if w.view.healthy]
         if not healthy:
+            if self.pool.coming_back(self.pool.prefill):
+                return None  # restarting: wait in line for it
             errors = "; ".join(w.error for w in self.pool.prefill if w.error)
             raise RequestError(UNAVAILABLE, f"no healthy prefill worker ({errors})")
         budget = self.config.prefill_inflight_tokens
@@ -101,6 +105,8 @@ class Orchestrator:
         cached = {w.name: w.index.match(hashes) for w in self.pool.decode if w.index is not None}
         ranked = self.policy.rank_decode([w.view for w in self.pool.decode], cached)
         if not ranked:
+            if self.pool.coming_back(self.pool.decode):
+                return None  # restarting: wait in line for it
             errors = "; ".join(w.error for w in self.pool.decode if w.error)
             raise RequestError(UNAVAILABLE, f"no healthy decode group ({errors})")
         need = -(-len(spec.prompt_ids) // self.block_size)
@@ -198,10 +204,40 @@ class Orchestrator:
 
     async def _disaggregated(self, rid: str, spec: RequestSpec, hashes: list[int],
                              out: ClientStream) -> AsyncIterator[Chunk]:
-        placement, outcome, queued_s = await self._place_and_prefill(rid, spec, hashes)
+        """Place, prefill, stream. A decode group lost mid-stream (or before the KV landed) costs one
+        re-placement: the request migrates as prompt + the tokens already streamed (router.migration), is
+        prefilled again (prefix caches hold most of it), and the client's stream goes on where it was."""
+        attempts = Attempts(self.config.migration_limit)
+        cont = spec
+        while True:
+            placement, outcome, queued_s = await self._place_and_prefill(rid, cont, hashes, attempts)
+            if not attempts.used:
+                out.queued_ms, out.cached_tokens = queued_s * 1e3, outcome.cached_tokens
+                out.decode_cached_tokens = placement.skip_blocks * self.block_size
+            try:
+                async for c in self._stream(placement, outcome, cont, out):
+                    yield c
+                return
+            except RequestError as e:
+                if out.reason is not None:
+                    raise
+                attempts.take(e)
+                log.warning("request %s: %s; migrating with %d tokens streamed", rid, e.message, out.received)
+                self.metrics.migrated()
+                await self.pool.check(placement.decode)  # a dead group is routed around from now on
+            cont, reason = continuation(spec, list(out.state.token_ids), self.eos_token_ids)
+            if reason is not None:  # the lost group had streamed the request's last token already
+                out.finish(reason)
+                if (c := out.chunk()) is not None:
+                    yield c
+                return
+            hashes = block_hashes(cont.prompt_ids, self.block_size)
+
+    async def _stream(self, placement: _Placement, outcome: PrefillOutcome, spec: RequestSpec,
+                      out: ClientStream) -> AsyncIterator[Chunk]:
+        """One placement's tokens: the prefill worker's first, then the decode group's. `spec` may be a migrated
+        request's continuation: its outputs are numbered from `output_offset` in the client's stream."""
         rid, d = placement.request_id, placement.decode
-        out.queued_ms, out.cached_tokens = queued_s * 1e3, outcome.cached_tokens
-        out.decode_cached_tokens = placement.skip_blocks * self.block_size
         try:
             if out.add(outcome.first_token, outcome.logprob):  # a stop string already: nothing to decode
                 if (c := out.chunk()) is not None:
@@ -217,7 +253,7 @@ class Orchestrator:
                     await first_set
                 except WorkerError as e:
                     raise RequestError(UNAVAILABLE, await _lost_reason(placement, e)) from None
-                async for c in relay(placement.events, d.name, out):
+                async for c in relay(placement.events, d.name, out, spec.params.output_offset):
                     yield c
                 if out.landed_ms:
                     landed = spec.arrival + out.landed_ms / 1e3
@@ -236,39 +272,63 @@ class Orchestrator:
 
     async def _colocated(self, rid: str, spec: RequestSpec, hashes: list[int],
                          out: ClientStream) -> AsyncIterator[Chunk]:
-        """No prefill workers: a decode group runs the whole request (an aggregated engine)."""
+        """No prefill workers: a decode group runs the whole request (an aggregated engine). A group lost
+        mid-stream costs one re-placement: the request migrates to another (or the same, restarted) group as
+        prompt + the tokens already streamed."""
+        attempts = Attempts(self.config.migration_limit)
+        cont = spec
 
         async def seat() -> Worker | None:
             free = [w for w in self.pool.decode if w.view.inflight < (w.load.max_num_seqs if w.load else 1)]
             cached = {w.name: w.index.match(hashes) for w in free if w.index is not None}
             view = self.policy.pick_prefill([w.view for w in free], cached)
-            if view is None and not any(w.view.healthy for w in self.pool.decode):
-                raise RequestError(UNAVAILABLE, "no healthy decode group")
+            if view is None and not any(w.view.healthy for w in self.pool.decode) and \
+                    not self.pool.coming_back(self.pool.decode):
+                errors = "; ".join(w.error for w in self.pool.decode if w.error)
+                raise RequestError(UNAVAILABLE, f"no healthy decode group ({errors})")
             return next((w for w in free if w.view is view), None)
 
-        d, queued_s = await self.room.acquire(seat, self.config.queue_timeout_s)
-        assert isinstance(d.client, DecodeClient) and d.index is not None
-        out.queued_ms = queued_s * 1e3
-        d.index.insert(hashes)
-        d.view.inflight += 1
-        stream = d.client.generate(rid, spec.prompt_ids, spec.params)
-        try:
-            async for c in relay(stream.__aiter__(), d.name, out):
-                yield c
-        finally:
-            stream.cancel()
-            d.view.inflight -= 1
-            self.room.notify()
+        while True:
+            d, queued_s = await self.room.acquire(seat, self.config.queue_timeout_s)
+            assert isinstance(d.client, DecodeClient) and d.index is not None
+            if not attempts.used:
+                out.queued_ms = queued_s * 1e3
+            d.index.insert(hashes)
+            d.view.inflight += 1
+            arid = rid if not attempts.used else f"{rid}.{attempts.used}"  # the old id may still be aborting
+            stream = d.client.generate(arid, cont.prompt_ids, cont.params)
+            try:
+                async for c in relay(stream.__aiter__(), d.name, out, cont.params.output_offset):
+                    yield c
+                return
+            except RequestError as e:
+                if out.reason is not None:
+                    raise
+                attempts.take(e)
+                log.warning("request %s: %s; migrating with %d tokens streamed", rid, e.message, out.received)
+                self.metrics.migrated()
+                await self.pool.check(d)
+            finally:
+                stream.cancel()
+                d.view.inflight -= 1
+                self.room.notify()
+            cont, reason = continuation(spec, list(out.state.token_ids), self.eos_token_ids)
+            if reason is not None:
+                out.finish(reason)
+                if (c := out.chunk()) is not None:
+                    yield c
+                return
+            hashes = block_hashes(cont.prompt_ids, self.block_size)
 
-    async def _place_and_prefill(self, rid: str, spec: RequestSpec,
-                                 hashes: list[int]) -> tuple[_Placement, PrefillOutcome, float]:
+    async def _place_and_prefill(self, rid: str, spec: RequestSpec, hashes: list[int],
+                                 attempts: Attempts) -> tuple[_Placement, PrefillOutcome, float]:
         """Reserve on a decode group and prefill into it. A prefill that fails for want of its worker (it died,
-        or its transfer broke) is retried on a fresh placement, up to PREFILL_ATTEMPTS times: the failed worker is
-        polled first, so a dead one is routed around, and a live one has its KV channels to that group re-wired.
-        Nothing has reached the client yet, so a retry is invisible to it."""
+        or its transfer broke) is retried on a fresh placement, out of the request's `attempts`: the failed
+        worker is polled first, so a dead one is routed around, and a live one has its KV channels to that group
+        re-wired. Nothing of this attempt has reached the client yet, so a retry is invisible to it."""
         queued = 0.0
-        for attempt in range(PREFILL_ATTEMPTS):
-            arid = rid if attempt == 0 else f"{rid}.retry{attempt}"  # the old id may still be aborting
+        while True:
+            arid = rid if not attempts.used else f"{rid}.{attempts.used}"  # the old id may still be aborting
             placement, waited = await self.room.acquire(lambda: self._reserve(arid, spec, hashes),  # noqa: B023
                                                         self.config.queue_timeout_s)
             queued += waited
@@ -281,14 +341,15 @@ class Orchestrator:
                 placement.stream.cancel()  # frees the reservation on the decode group
                 placement.decode.view.inflight -= 1
                 self.room.notify()
-                if not (isinstance(e, RequestError) and e.code == UNAVAILABLE) or attempt == PREFILL_ATTEMPTS - 1:
+                if not isinstance(e, RequestError):
                     raise
+                attempts.take(e)
                 log.warning("request %s: %s; retrying", rid, e.message)
                 self.metrics.retried()
                 if await self.pool.check(placement.prefill):  # alive: the pair's KV channel may be what broke
-                    self.metrics.transfer_failed()
-                    await self.pool.rewire(placement.prefill, placement.decode)
-        raise AssertionError("unreachable")
+                    if await self.pool.check(placement.decode):
+                        self.metrics.transfer_failed()
+                        await self.pool.rewire(placement.prefill, placement.decode)
 
     async def _prefill(self, p: Worker, rid: str, spec: RequestSpec, hashes: list[int],
                        decode_group: str, skip_blocks: int = 0) -> PrefillOutcome:

@@ -51,10 +51,11 @@ class RouterServer:
     """Owns the worker pool, the orchestrator and the gRPC server; `start()` on the asyncio loop that serves."""
 
     def __init__(self, config: RouterConfig, model: ModelConfig, prefill: list[WorkerSpec],
-                 decode: list[WorkerSpec], *, secret: str) -> None:
+                 decode: list[WorkerSpec], *, secret: str, supervised: bool = False) -> None:
         self.config, self.model = config, model
         self._secret = secret  # the internal API's, for the worker clients; never logged
         self.specs = (prefill, decode)
+        self.supervised = supervised  # lost workers are restarted (deploy.supervisor): requests wait for them
         self.pool: WorkerPool | None = None
         self.tokenizer = Tokenizer.from_model_dir(model.model_dir)
         self.server: grpc.aio.Server | None = None
@@ -76,7 +77,7 @@ class RouterServer:
         self.pool = WorkerPool(*self.specs, secret=self._secret, poll_interval_s=self.config.load_poll_interval_s,
                                on_load=lambda load: (
             m.worker_load(load.name, load.running, load.waiting, load.num_blocks, load.free_blocks,
-                          load.num_preemptions)))
+                          load.num_preemptions)), supervised=self.supervised)
         await self.pool.start(worker_timeout_s)
         # A request (prompt + completion) must fit the model and the smallest decode pool; a prompt must also
         # fit the smallest prefill pool (a prefill worker holds the prompt only).
@@ -89,7 +90,8 @@ class RouterServer:
         limits = ModelLimits(os.path.basename(os.path.normpath(self.model.model_dir)), self.model.architecture,
                              self.model.vocab_size, model_len, tuple(self.model.eos_token_ids), max_prompt,
                              self._max_prompt_chars(min(model_len - 1, max_prompt or model_len)))
-        self.orch = Orchestrator(self.config, self.pool, self.tokenizer, self.metrics, _kv_bytes_per_token(self.model))
+        self.orch = Orchestrator(self.config, self.pool, self.tokenizer, self.metrics, _kv_bytes_per_token(self.model),
+                                 tuple(self.model.eos_token_ids))
         self.intake = Intake(self.orch, limits)
         info = public_api.model_info(limits, self.tokenizer is not None, len(self.pool.prefill),
                                      len(self.pool.decode), self.pool.decode[0].spec.tensor_parallel_size)

@@ -117,7 +117,7 @@ class PrefillClient(_Client):
         leading prompt blocks the decode group holds already (not sent)."""
         req = wpb.PrefillRequest(request_id=request_id, prompt_token_ids=prompt,
                                  sampling=codec.sampling_message(params, drop_stop=True), decode_group=decode_group,
-                                 skip_blocks=skip_blocks)
+                                 skip_blocks=skip_blocks, output_offset=params.output_offset)
         try:
             r = await self.stub.Prefill(req, metadata=self.md)
         except grpc.RpcError as e:
@@ -188,14 +188,14 @@ class DecodeClient(_Client):
         req = wpb.DecodeRequest(request_id=request_id, prompt_token_ids=prompt,
                                 sampling=codec.sampling_message(params, drop_stop=True),
                                 prefill_worker=prefill_worker, prefill_tensor_parallel_size=prefill_tp,
-                                transfer_timeout_s=transfer_timeout_s)
+                                transfer_timeout_s=transfer_timeout_s, output_offset=params.output_offset)
         return DecodeStream(self.stub.Decode(req, metadata=self.md))
 
     def generate(self, request_id: str, prompt: list[int], params: Any) -> DecodeStream:
         """The whole request on this group, prefill included (a deployment without prefill workers)."""
         return DecodeStream(self.stub.Generate(wpb.LocalRequest(
-            request_id=request_id, prompt_token_ids=prompt, sampling=codec.sampling_message(params, drop_stop=True)),
-            metadata=self.md))
+            request_id=request_id, prompt_token_ids=prompt, sampling=codec.sampling_message(params, drop_stop=True),
+            output_offset=params.output_offset), metadata=self.md))
 
     async def set_first_token(self, request_id: str, token: int) -> None:
         try:

@@ -4,6 +4,7 @@ the poll loop that keeps load and health fresh."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ class Worker:
     index: PrefixIndex | None = None  # prefill workers: the router's view of their prefix cache
     error: str = ""  # why it is unhealthy
     wired: set[str] = field(default_factory=set)  # decode groups this prefill worker has KV channels to
+    retired: bool = False  # its supervisor gave up restarting it: it never comes back
 
     @property
     def name(self) -> str:
@@ -48,7 +50,8 @@ class WorkerPool:
     """Mutates: workers' views (load polls, health) and prefix indexes."""
 
     def __init__(self, prefill: list[WorkerSpec], decode: list[WorkerSpec], *, secret: str,
-                 poll_interval_s: float = 0.2, on_load: Callable[[Load], None] | None = None) -> None:
+                 poll_interval_s: float = 0.2, on_load: Callable[[Load], None] | None = None,
+                 supervised: bool = False) -> None:
         if not decode:
             raise ValueError("the router needs at least one decode group (and prefill workers, or none for "
                              "aggregated serving)")
@@ -58,6 +61,10 @@ class WorkerPool:
         self.prefill = [Worker(s, PrefillClient(s.address, secret), WorkerView(s.name)) for s in prefill]
         self.decode = [Worker(s, DecodeClient(s.address, secret), WorkerView(s.name)) for s in decode]
         self.poll_interval_s = poll_interval_s
+        self._secret = secret  # for the clients of restarted workers; never logged
+        # Supervised: a deployment restarts lost workers (deploy.supervisor), so an unhealthy worker is expected
+        # back until it is retired, and requests wait for it rather than fail.
+        self.supervised = supervised
         self.on_load = on_load  # sees every polled load (the router's per-worker gauges)
         self._poller: asyncio.Task | None = None
 
@@ -101,6 +108,47 @@ class WorkerPool:
         p.wired.add(d.name)
         log.info("KV channels %s -> %s ready (%d)", p.name, d.name, len(channels))
 
+    def coming_back(self, workers: list[Worker]) -> bool:
+        """Whether capacity of this kind is expected back: a supervised worker not retired."""
+        return self.supervised and any(not w.retired for w in workers)
+
+    def find(self, name: str) -> Worker:
+        return next(w for w in self.all if w.name == name)
+
+    async def replace(self, name: str, address: str) -> bool:
+        """Worker `name` was restarted (at `address`, maybe a new one): a fresh client and empty cache index, its
+        KV channels to every peer wired anew, then back in rotation once it answers healthy. True when wired."""
+        w = self.find(name)
+        old = w.client
+        w.spec = dataclasses.replace(w.spec, address=address)
+        w.client = type(old)(address, self._secret)
+        w.wired.clear()
+        for p in self.prefill:
+            p.wired.discard(name)
+        await old.close()
+        if not await self._poll(w):
+            return False
+        assert w.load is not None
+        w.index = PrefixIndex(max(w.load.num_blocks, 1))  # its prefix cache starts empty
+        # Its pairs with every healthy peer (a peer that is down itself is wired when it rejoins).
+        pairs = [(w, d) for d in self.decode if d.view.healthy] if w in self.prefill else \
+            [(p, w) for p in self.prefill if p.view.healthy]
+        for p, d in pairs:
+            try:
+                await self._wire_pair(p, d)
+            except (WorkerError, KVLayoutMismatch) as e:
+                log.error("worker %s rejoined at %s but KV channels %s -> %s could not be wired: %s", name, address,
+                          p.name, d.name, e)
+                w.view.healthy, w.error = False, f"{name}: KV channels {p.name} -> {d.name} not wired ({e})"
+                return False
+        log.warning("worker %s rejoined at %s", name, address)
+        return True
+
+    def retire(self, name: str, why: str) -> None:
+        """Its supervisor gave up on worker `name`: unhealthy for good, and no longer waited for."""
+        w = self.find(name)
+        w.retired, w.view.healthy, w.error = True, False, why
+
     async def rewire(self, p: Worker, d: Worker) -> None:
         """Replace a pair's KV channels (after a transfer between them failed); errors are logged, not raised:
         the next transfer on the pair fails again and the request is retried or reported."""
@@ -111,6 +159,8 @@ class WorkerPool:
             log.warning("re-wiring KV channels %s -> %s failed: %s", p.name, d.name, e)
 
     async def _poll(self, w: Worker) -> bool:
+        if w.retired:
+            return False
         try:
             load = await w.client.load(timeout_s=max(2.0, 5 * self.poll_interval_s))
         except WorkerError as e:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from client import Client
 from decode_workers.group import DecodeLeader
@@ -29,6 +29,7 @@ class LocalSystem:
     loop: asyncio.AbstractEventLoop
     client: Client
     target: str
+    more_decode: list[DecodeLeader] = field(default_factory=list)
 
     metadata = secret_metadata(SECRET)
 
@@ -57,21 +58,24 @@ class LocalSystem:
         self.loop.call_soon_threadsafe(self.loop.stop)
         for w in self.prefill:
             w.stop()
-        self.decode.stop()
+        for d in [self.decode, *self.more_decode]:
+            d.stop()
 
 
-def start_local(model_dir: str, num_prefill: int = 2, poll_interval_s: float = 0.05,
+def start_local(model_dir: str, num_prefill: int = 2, poll_interval_s: float = 0.05, num_decode: int = 1,
                 **router_settings) -> LocalSystem:
-    """`router_settings`: more RouterConfig fields (e.g. http_port=0)."""
+    """`router_settings`: more RouterConfig fields (e.g. http_port=0). Decode groups past the first (d1, ...)
+    are in `more_decode`."""
     cfg = EngineConfig.from_model_dir(model_dir, num_blocks=64, max_model_len=256)
     prefill = [PrefillWorker(f"p{i}", cfg, secret=SECRET) for i in range(num_prefill)]
     decode = DecodeLeader("d0", cfg, secret=SECRET)
+    more = [DecodeLeader(f"d{g}", cfg, secret=SECRET) for g in range(1, num_decode)]
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
     router = RouterServer(RouterConfig(host="127.0.0.1", port=0, load_poll_interval_s=poll_interval_s,
                                        stats_log_interval_s=0, **router_settings), cfg.model,
-                          [WorkerSpec(w.name, w.address) for w in prefill], [WorkerSpec("d0", decode.address)],
-                          secret=SECRET)
+                          [WorkerSpec(w.name, w.address) for w in prefill],
+                          [WorkerSpec(d.name, d.address) for d in [decode, *more]], secret=SECRET)
     port = asyncio.run_coroutine_threadsafe(router.start(256, 60), loop).result(90)
     target = f"127.0.0.1:{port}"
-    return LocalSystem(cfg, prefill, decode, router, loop, Client(target, timeout=30), target)
+    return LocalSystem(cfg, prefill, decode, router, loop, Client(target, timeout=30), target, more)
