@@ -45,6 +45,13 @@ class DecodeRankActor:
             return self.leader.loop.error is None
         return self.follower is not None and self.follower.running
 
+    def state(self) -> str:
+        """For the deployment's supervisor: "idle" (constructed, not started: e.g. just restarted by Ray),
+        "serving", or "failed" (its engine died, or a follower left its loop: a rank of the group is gone)."""
+        if self.leader is None and self.follower is None:
+            return "idle"
+        return "serving" if self.ping() else "failed"
+
     def stop(self) -> None:
         """Rank 0 stops the group: its engine tells the followers to leave their loops."""
         if self.leader is not None:

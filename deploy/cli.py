@@ -29,6 +29,9 @@ SERVE_FLAGS: list[tuple[str, type, str]] = [
     ("queue-timeout-s", float, "how long a request may wait while no KV room frees up (default 120)"),
     ("transfer-timeout-s", float, "how long a prompt's KV may take to reach its decode group (default 60)"),
     ("routing-policy", str, "cache_aware | least_loaded | round_robin (default cache_aware)"),
+    ("max-restarts", int, "restarts of a lost worker (a decode group restarts whole) before giving up (default 3)"),
+    ("migration-limit", int, "re-placements per request: prefill retries and migrations off a lost decode group "
+     "(default 3)"),
     ("startup-timeout-s", float, "how long workers may take to load (default 600)"),
     ("log-level", str, "debug | info | warning | error (default warning)"),
     ("async-scheduling", str, "auto | on | off: schedule step n+1 while step n runs (default auto: on with CUDA)"),

@@ -37,6 +37,10 @@ class ServeConfig:
     max_queued_requests: int = 512
     queue_timeout_s: float = 120.0
     transfer_timeout_s: float = 60.0
+    # A lost worker (prefill actor, or a decode group as a whole) is restarted at most this many times, then
+    # given up (logged); 0 = never restarted.
+    max_restarts: int = 3
+    migration_limit: int = 3  # re-placements per request (prefill retries and decode migrations together)
     routing_policy: str = "cache_aware"
     startup_timeout_s: float = 600.0
     log_level: str = "warning"
@@ -58,6 +62,8 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if not os.path.isfile(os.path.join(self.model, "config.json")):
             raise ValueError(f"model {self.model!r} is not a HuggingFace model directory (no config.json there)")
+        if self.max_restarts < 0:
+            raise ValueError(f"max-restarts must be >= 0, got {self.max_restarts}")
         if self.prefill_workers < 0:
             raise ValueError(f"prefill-workers must be >= 0 (0 = aggregated serving), got {self.prefill_workers}")
         for name in ("decode_groups", "decode_tp"):
@@ -85,7 +91,8 @@ class ServeConfig:
     def router_config(self) -> RouterConfig:
         return RouterConfig(host=self.host, port=self.port, max_queued_requests=self.max_queued_requests,
                             queue_timeout_s=self.queue_timeout_s, transfer_timeout_s=self.transfer_timeout_s,
-                            routing_policy=self.routing_policy, http_port=self.http_port, api_key=self._api_key(),
+                            migration_limit=self.migration_limit, routing_policy=self.routing_policy,
+                            http_port=self.http_port, api_key=self._api_key(),
                             tls_cert=self.tls_cert, tls_key=self.tls_key, served_model_name=self.served_model_name,
                             chat_template=self.chat_template, max_prompt_chars=self.max_prompt_chars)
 

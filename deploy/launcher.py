@@ -42,10 +42,14 @@ class Deployment:
         self.prefill_actors: list[Any] = []
         self.decode_actors: list[list[Any]] = []  # [group][rank]
         self.groups: list[Any] = []  # placement groups
+        # Ray restarts a dead actor (its __init__ runs again) as often as asked; the supervisor
+        # (deploy.supervisor) starts it, bounds the restarts to cfg.max_restarts and gives up after.
+        self._restarts = -1 if cfg.max_restarts > 0 else 0
         self.started_ray = False
         # A fresh secret per deployment, handed to each actor through its constructor: only this process and the
         # workers it starts can call the internal API.
         self.secret = secrets.token_urlsafe(32)
+        self.uid = secrets.token_hex(4)  # names this deployment's placement groups apart from another's
 
     @property
     def num_actors(self) -> int:
@@ -103,30 +107,51 @@ class Deployment:
 
         decode_cls = ray.remote(DecodeRankActor)
         for g in range(c.decode_groups):
-            pg = placement_group([bundle] * c.decode_tp, strategy="STRICT_PACK", name=f"kvrelay-decode-{g}")
+            pg = placement_group([bundle] * c.decode_tp, strategy="STRICT_PACK",
+                                 name=f"kvrelay-decode-{g}-{self.uid}")
             self.groups.append(pg)
             ray.get(pg.ready(), timeout=c.startup_timeout_s)
             self.decode_actors.append([
-                decode_cls.options(max_restarts=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                decode_cls.options(max_restarts=self._restarts, scheduling_strategy=PlacementGroupSchedulingStrategy(
                     pg, placement_group_bundle_index=r), **res).remote(f"decode-{g}", decode_cfg, r, self.secret)
                 for r in range(c.decode_tp)])
 
         # Prefill actors after the decode groups' packed placements, so they cannot fragment a node's GPUs.
         prefill_cls = ray.remote(PrefillActor)
         names = [f"prefill-{i}" for i in range(c.prefill_workers)]
-        self.prefill_actors = [prefill_cls.options(max_restarts=0, **res).remote(n, prefill_cfg, self.secret)
+        self.prefill_actors = [prefill_cls.options(max_restarts=self._restarts, **res).remote(n, prefill_cfg,
+                                                                                               self.secret)
                                for n in names]
         prefill_addrs = [a.start.remote() for a in self.prefill_actors]
-        group_addrs = []
-        for ranks in self.decode_actors:
-            init = ray.get(ranks[0].init_method.remote()) if c.decode_tp > 1 else None
-            group_addrs.append([a.start.remote(init) for a in ranks])  # all at once: the group forms together
+        group_addrs = [self.start_group(g) for g in range(c.decode_groups)]
         got_prefill = ray.get(prefill_addrs, timeout=c.startup_timeout_s)
         got_decode = [ray.get(refs, timeout=c.startup_timeout_s)[0] for refs in group_addrs]
         log.info("workers started in %.1f s on %s", time.monotonic() - t0, device)
         return Placed(prefill=[WorkerSpec(n, a, 1) for n, a in zip(names, got_prefill)],
                       decode=[WorkerSpec(f"decode-{g}", a, c.decode_tp) for g, a in enumerate(got_decode)],
                       prefill_config=prefill_cfg, decode_config=decode_cfg, device=device, secret=self.secret)
+
+    def units(self) -> dict[str, list[Any]]:
+        """Each worker's name and its actors: a prefill worker's one, a decode group's ranks (rank 0 first)."""
+        out = {f"prefill-{i}": [a] for i, a in enumerate(self.prefill_actors)}
+        out.update({f"decode-{g}": ranks for g, ranks in enumerate(self.decode_actors)})
+        return out
+
+    def start_group(self, g: int) -> list[Any]:
+        """Start decode group g's ranks, all at once (the group forms together); refs of their `start`, rank 0's
+        is the group's address."""
+        import ray
+
+        ranks = self.decode_actors[g]
+        init = ray.get(ranks[0].init_method.remote(), timeout=self.cfg.startup_timeout_s) \
+            if self.cfg.decode_tp > 1 else None
+        return [a.start.remote(init) for a in ranks]
+
+    def start_unit(self, name: str) -> Any:
+        """Start worker `name`'s (restarted, idle) actors; a ref to its address."""
+        if name.startswith("prefill-"):
+            return self.prefill_actors[int(name.split("-")[1])].start.remote()
+        return self.start_group(int(name.split("-")[1]))[0]
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop the engines cleanly where they answer, then kill every actor and release the placements."""

@@ -10,14 +10,23 @@ import sys
 
 from deploy.config import ServeConfig
 from deploy.launcher import Deployment, Placed
+from deploy.supervisor import Supervisor
 from router.server import RouterServer
 
 
-async def run_router(cfg: ServeConfig, placed: Placed, stop: asyncio.Event | None = None) -> None:
-    """Serve until `stop` is set (or SIGINT/SIGTERM arrives)."""
+async def run_router(cfg: ServeConfig, placed: Placed, stop: asyncio.Event | None = None,
+                     deployment: Deployment | None = None) -> None:
+    """Serve until `stop` is set (or SIGINT/SIGTERM arrives). With the `deployment`, lost workers are restarted
+    and rejoin (deploy.supervisor) up to cfg.max_restarts times each."""
+    supervised = deployment is not None and cfg.max_restarts > 0
     router = RouterServer(cfg.router_config(), placed.prefill_config.model, placed.prefill, placed.decode,
-                          secret=placed.secret)
+                          secret=placed.secret, supervised=supervised)
     port = await router.start(placed.decode_config.scheduler.max_model_len, cfg.startup_timeout_s)
+    supervisor = None
+    if supervised:
+        assert deployment is not None and router.pool is not None
+        supervisor = Supervisor(deployment, router.pool, cfg.max_restarts, startup_timeout_s=cfg.startup_timeout_s)
+        supervisor.start()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -34,6 +43,8 @@ async def run_router(cfg: ServeConfig, placed: Placed, stop: asyncio.Event | Non
         await stop.wait()
     finally:
         print("kvrelay: shutting down", file=sys.stderr, flush=True)
+        if supervisor is not None:
+            await supervisor.stop()
         await router.stop()
 
 
@@ -47,7 +58,7 @@ def serve(cfg: ServeConfig) -> int:
     deployment = Deployment(cfg)
     try:
         placed = deployment.start()
-        asyncio.run(run_router(cfg, placed))
+        asyncio.run(run_router(cfg, placed, deployment=deployment))
     except KeyboardInterrupt:
         print("kvrelay: interrupted", file=sys.stderr)
     finally:

@@ -31,6 +31,13 @@ class PrefillActor:
     def ping(self) -> bool:
         return self.worker is not None and self.worker.loop.error is None
 
+    def state(self) -> str:
+        """For the deployment's supervisor: "idle" (constructed, not started: e.g. just restarted by Ray),
+        "serving", or "failed" (its engine died)."""
+        if self.worker is None:
+            return "idle"
+        return "serving" if self.worker.loop.error is None else "failed"
+
     def stop(self) -> None:
         if self.worker is not None:
             self.worker.stop()

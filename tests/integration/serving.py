@@ -14,6 +14,7 @@ import grpc
 from deploy import DEFAULT_MODEL_DIR
 from deploy.config import ServeConfig
 from deploy.launcher import Deployment, Placed
+from deploy.supervisor import Supervisor
 from protos import worker_pb2 as wpb
 from protos import worker_pb2_grpc as wpb_grpc
 from protos.guards import secret_metadata
@@ -33,6 +34,7 @@ class Served:
     router: RouterServer
     loop: asyncio.AbstractEventLoop
     target: str
+    supervisor: Supervisor | None = None
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -40,11 +42,13 @@ class Served:
         return secret_metadata(self.placed.secret)
 
     def loads(self) -> list[wpb.WorkerLoad]:
-        """Every worker's load (prefill workers first)."""
+        """Every worker's load (prefill workers first), at the addresses the router knows now (a restarted
+        worker's may have changed)."""
         out = []
-        for spec in self.placed.prefill + self.placed.decode:
-            with grpc.insecure_channel(spec.address) as ch:
-                stub = (wpb_grpc.PrefillWorkerStub(ch) if spec in self.placed.prefill
+        assert self.router.pool is not None
+        for w in self.router.pool.all:
+            with grpc.insecure_channel(w.spec.address) as ch:
+                stub = (wpb_grpc.PrefillWorkerStub(ch) if w in self.router.pool.prefill
                         else wpb_grpc.DecodeGroupStub(ch))
                 out.append(stub.GetLoad(wpb.LoadRequest(), timeout=10, metadata=self.metadata))
         return out
@@ -61,22 +65,34 @@ class Served:
             time.sleep(0.05)
 
     def stop(self) -> None:
+        if self.supervisor is not None:
+            asyncio.run_coroutine_threadsafe(self.supervisor.stop(), self.loop).result(30)
         asyncio.run_coroutine_threadsafe(self.router.stop(), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.deployment.stop()
 
 
-def start_serving(**overrides) -> Served:
+def start_serving(supervise: bool = False, **overrides) -> Served:
+    """`supervise`: lost workers are restarted and rejoin (deploy.supervisor), as `kvrelay serve` does."""
     cfg = ServeConfig(**{**TEST_SERVE, **overrides})
     deployment = Deployment(cfg)
     placed = deployment.start()
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True, name="test-router").start()
     router = RouterServer(cfg.router_config(), placed.prefill_config.model, placed.prefill, placed.decode,
-                          secret=placed.secret)
+                          secret=placed.secret, supervised=supervise)
     try:
         port = asyncio.run_coroutine_threadsafe(router.start(cfg.max_model_len or 512, 300), loop).result(320)
     except BaseException:
         deployment.stop()
         raise
-    return Served(cfg, placed, deployment, router, loop, f"127.0.0.1:{port}")
+    served = Served(cfg, placed, deployment, router, loop, f"127.0.0.1:{port}")
+    if supervise:
+        async def watch() -> Supervisor:
+            assert router.pool is not None
+            sup = Supervisor(deployment, router.pool, cfg.max_restarts, interval_s=0.2, startup_timeout_s=120)
+            sup.start()
+            return sup
+
+        served.supervisor = asyncio.run_coroutine_threadsafe(watch(), loop).result(10)
+    return served
