@@ -30,7 +30,7 @@ def profile_batch(llm, prompts: list[list[int]], steps: int, variant: str, top: 
     eng = llm.engine
     eng.async_scheduling = variant.endswith("-async")
     for i, p in enumerate(prompts):
-        eng.add_request(f"p{i}", p, variant_params(variant, steps + 8, i))
+        eng.add_request(f"p{i}", p, variant_params(variant, 3 * steps + 16, i))
     started: set[str] = set()
     while len(started) < len(prompts):  # past every prefill: only decode steps are profiled
         started.update(o.request_id for o in eng.step() if o.new_token_ids)
