@@ -53,6 +53,7 @@ class Scheduler:
         self._inflight: deque[tuple[SchedulerOutput, list[Sequence]]] = deque()
         self._rng = random.Random()
         self._max_seq_len = min(config.max_model_len, num_blocks * cache.block_size)
+        self._last_pure_decode = False
 
     # ---- intake -------------------------------------------------------------------------------------------
     @property
@@ -116,10 +117,13 @@ class Scheduler:
 
     # ---- one step -----------------------------------------------------------------------------------------
     def may_preempt(self) -> bool:
-        """Whether the next `schedule` could have to preempt: running rows need at most one block each plus one
-        per block of budget. O(1), conservative; the engine drains steps in flight first when it says so."""
-        budget_blocks = cdiv(self.config.max_num_batched_tokens, self.block_size)
-        return self.blocks.num_free_blocks < len(self.running) + budget_blocks
+        """Whether the next `schedule` could have to preempt: running rows need at most one block each, plus, while
+        any running request is still mid-prompt (the last step had a chunk), one per block of budget. O(1),
+        conservative; the engine drains steps in flight first when it says so."""
+        need = len(self.running)
+        if not self._last_pure_decode:
+            need += cdiv(self.config.max_num_batched_tokens, self.block_size)
+        return self.blocks.num_free_blocks < need
 
     def _can_step(self, seq: Sequence) -> bool:
         """Whether a running request has work to schedule now. With steps in flight, a request whose sampled
@@ -224,6 +228,9 @@ class Scheduler:
                 budget -= n
         if rows:
             self._inflight.append((out, rows))
+        # Only prefill chunks grow by more than a block a step; a step of decodes alone is followed by decodes and
+        # new admissions (which never preempt), and by requests landed from elsewhere (decodes too).
+        self._last_pure_decode = len(out.token_ids) == len(out.request_ids)
         return out
 
     def update(self, out: SchedulerOutput, sampled: list[int]) -> list[Sequence]:

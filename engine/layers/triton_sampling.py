@@ -25,11 +25,9 @@ def _lowbias32(x):
 
 
 @triton.jit
-def _sample_kernel(logits_ptr, stride, slot_ptr, index_ptr, fparams_ptr, iparams_ptr, num_slots, out_ptr, vocab,
-                   MAX_ROUNDS: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    base = logits_ptr + row * stride
-    # The row's parameters from the persistent batch: [2, slots] float (temperature, top_p), int (top_k, seed).
+def _row_params(row, slot_ptr, index_ptr, fparams_ptr, iparams_ptr, num_slots):
+    """The row's parameters from the persistent batch ([2, slots] float: temperature, top_p; int: top_k, seed):
+    (temperature (1 for greedy rows), greedy, top_k, top_p, noise key of round 0)."""
     slot = tl.load(slot_ptr + row)
     t = tl.load(fparams_ptr + slot)
     top_p = tl.load(fparams_ptr + num_slots + slot)
@@ -41,6 +39,15 @@ def _sample_kernel(logits_ptr, stride, slot_ptr, index_ptr, fparams_ptr, iparams
     k = _lowbias32((seed & 0xFFFFFFFF).to(tl.uint32)) ^ ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
     index = tl.load(index_ptr + row)
     key0 = _lowbias32(_lowbias32(k) ^ (index & 0xFFFFFFFF).to(tl.uint32))
+    return t, greedy, top_k, top_p, key0
+
+
+@triton.jit
+def _sample_kernel(logits_ptr, stride, slot_ptr, index_ptr, fparams_ptr, iparams_ptr, num_slots, out_ptr, vocab,
+                   MAX_ROUNDS: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    base = logits_ptr + row * stride
+    t, greedy, top_k, top_p, key0 = _row_params(row, slot_ptr, index_ptr, fparams_ptr, iparams_ptr, num_slots)
     # Online max and normaliser of s = logits / t.
     m = tl.full((), float("-inf"), tl.float32)
     z = tl.full((), 0.0, tl.float32)
@@ -102,10 +109,21 @@ def _sample_kernel(logits_ptr, stride, slot_ptr, index_ptr, fparams_ptr, iparams
 
 def sample(logits: torch.Tensor, b: Any) -> torch.Tensor:
     """As `engine.sampling_noise.rejection_sample` over `b` (an engine.sampler.SamplingBatch: rows' slots and
-    output indices, the persistent per-slot parameters): logits [n, vocab] float32 -> [n] int64 tokens."""
+    output indices, the persistent per-slot parameters): logits [n, vocab] float32 -> [n] int64 tokens. A small
+    batch splits each row's first round over SPLIT_ROWS // n programs (see triton_sampling_split); a row that round
+    rejects, and every row of a large batch, runs all its rounds in one program."""
     n, vocab = logits.shape
     out = torch.empty(n, dtype=torch.int64, device=logits.device)
-    if n:
+    if n and n * 2 <= SPLIT_ROWS:
+        from engine.layers.triton_sampling_split import sample_split
+
+        sample_split(logits, b, out, SPLIT_ROWS // n)
+    elif n:
         _sample_kernel[(n,)](logits, logits.stride(0), b.slots, b.output_index, b.float_params, b.int_params,
                              b.float_params.shape[1], out, vocab, MAX_ROUNDS=MAX_ROUNDS, BLOCK=2048, num_warps=8)
     return out
+
+
+# Below this many rows a row's passes split across programs (n * splits = SPLIT_ROWS programs in all): one program
+# per row leaves most of the GPU idle and runs ~60 blocks of a 128k vocabulary one after another.
+SPLIT_ROWS = 64

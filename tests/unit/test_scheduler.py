@@ -268,3 +268,14 @@ def test_length_limit_from_pool_and_model_len():
     for _ in range(3):
         run_step(s)
     assert not s.has_unfinished()  # 6 prompt + 2 generated = 8 = the whole pool: "length"
+
+
+def test_may_preempt_needs_the_budget_only_while_prompts_are_mid_chunk():
+    s = make(num_blocks=13, block_size=4, budget=32)  # budget = 8 blocks
+    s.add(req("a", 4, max_tokens=20))
+    s.add(req("b", 4, max_tokens=20, start=50))
+    s.add(req("c", 20, max_tokens=20, start=100))
+    run_step(s)  # three prompts: chunks, so a next step could still carry a budget's worth of chunk
+    assert s.blocks.num_free_blocks == 6 and s.may_preempt()  # 6 < 3 running + 8
+    run_step(s)  # decodes only; each opened a block
+    assert s.blocks.num_free_blocks == 3 and not s.may_preempt()  # three decodes need three blocks at most
