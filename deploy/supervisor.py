@@ -35,6 +35,7 @@ class Supervisor:
         self.max_restarts, self.interval_s, self.startup_timeout_s = max_restarts, interval_s, startup_timeout_s
         self.restarts: dict[str, int] = {}  # worker name -> restarts so far
         self.recovery_s: dict[str, list[float]] = {}  # worker name -> seconds from loss to rejoined, per restart
+        self.rejoined_at: dict[str, list[float]] = {}  # worker name -> time.monotonic() of each rejoin
         self.given_up: set[str] = set()
         self._task: asyncio.Task | None = None
 
@@ -80,8 +81,7 @@ class Supervisor:
         lost_at = time.monotonic()
         why = ", ".join(f"rank {r} {s}" for r, s in enumerate(states) if s != "serving") if len(actors) > 1 \
             else states[0]
-        worker = self.pool.find(name)
-        self.pool.mark_unhealthy(worker, f"{name} is restarting ({why})")
+        self.pool.restarting(name, f"{name} is restarting ({why})")
         n = self.restarts.get(name, 0)
         if n >= self.max_restarts:
             self._give_up(name, actors, f"{name} was lost ({why}) and has been restarted {n} times already "
@@ -104,6 +104,7 @@ class Supervisor:
         if await self.pool.replace(name, address):
             took = time.monotonic() - lost_at
             self.recovery_s.setdefault(name, []).append(took)
+            self.rejoined_at.setdefault(name, []).append(time.monotonic())
             log.warning("worker %s is back at %s after %.1f s", name, address, took)
 
     def _give_up(self, name: str, actors: list[Any], why: str) -> None:

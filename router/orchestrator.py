@@ -47,6 +47,8 @@ from router.worker_api import (
 from router.workers import Worker, WorkerPool
 
 log = logging.getLogger("kvrelay.router")
+# The first retry of a failed prefill waits this long, each later one twice as long (at most 2 s).
+RETRY_BACKOFF_S = 0.25
 # A decode group answers a reservation in milliseconds; one that does not within this is treated as down.
 RESERVE_TIMEOUT_S = 10.0
 
@@ -346,6 +348,10 @@ class Orchestrator:
                 attempts.take(e)
                 log.warning("request %s: %s; retrying", rid, e.message)
                 self.metrics.retried()
+                # A moment before the next attempt, longer each time: a worker that just died may still look
+                # healthy (a decode group's rank 0 outlives its rank 1 until a step fails or it is restarted),
+                # and retrying into it at once would spend the whole budget on one loss.
+                await asyncio.sleep(min(RETRY_BACKOFF_S * 2 ** (attempts.used - 1), 2.0))
                 if await self.pool.check(placement.prefill):  # alive: the pair's KV channel may be what broke
                     if await self.pool.check(placement.decode):
                         self.metrics.transfer_failed()

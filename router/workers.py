@@ -40,6 +40,7 @@ class Worker:
     error: str = ""  # why it is unhealthy
     wired: set[str] = field(default_factory=set)  # decode groups this prefill worker has KV channels to
     retired: bool = False  # its supervisor gave up restarting it: it never comes back
+    restarting: bool = False  # its supervisor is restarting it: a surviving rank's answers do not count
 
     @property
     def name(self) -> str:
@@ -120,6 +121,7 @@ class WorkerPool:
         KV channels to every peer wired anew, then back in rotation once it answers healthy. True when wired."""
         w = self.find(name)
         old = w.client
+        w.restarting = False
         w.spec = dataclasses.replace(w.spec, address=address)
         w.client = type(old)(address, self._secret)
         w.wired.clear()
@@ -144,6 +146,12 @@ class WorkerPool:
         log.warning("worker %s rejoined at %s", name, address)
         return True
 
+    def restarting(self, name: str, why: str) -> None:
+        """Its supervisor is restarting worker `name`: out of rotation until `replace` (a decode group's surviving
+        rank 0 still answers polls healthy until it is killed, but the group is gone)."""
+        w = self.find(name)
+        w.restarting, w.view.healthy, w.error = True, False, why
+
     def retire(self, name: str, why: str) -> None:
         """Its supervisor gave up on worker `name`: unhealthy for good, and no longer waited for."""
         w = self.find(name)
@@ -159,7 +167,7 @@ class WorkerPool:
             log.warning("re-wiring KV channels %s -> %s failed: %s", p.name, d.name, e)
 
     async def _poll(self, w: Worker) -> bool:
-        if w.retired:
+        if w.retired or w.restarting:
             return False
         try:
             load = await w.client.load(timeout_s=max(2.0, 5 * self.poll_interval_s))
