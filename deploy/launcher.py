@@ -63,8 +63,9 @@ class Deployment:
         if self.cfg.address:
             ray.init(address=self.cfg.address, logging_level=logging.WARNING, log_to_driver=True)
         else:
-            # A local instance: one CPU slot per actor at least, so a small machine still places every rank.
-            ray.init(num_cpus=max(os.cpu_count() or 1, self.num_actors), include_dashboard=False,
+            # A local instance: CPU slots are logical (the actors share the cores anyway), so room for several
+            # deployments' actors even on a small machine: a test or a benchmark may run two side by side.
+            ray.init(num_cpus=max(os.cpu_count() or 1, 4 * self.num_actors), include_dashboard=False,
                      logging_level=logging.WARNING, log_to_driver=True)
             self.started_ray = True
 
