@@ -47,16 +47,19 @@ def run(args: argparse.Namespace) -> dict:
 
     from client import Client, KvrelayError
     from deploy import DEFAULT_MODEL_DIR
+    from deploy.config import ServeConfig
+    from deploy.inprocess import serve_in_process
     from engine import LLM, SamplingParams
-    from tests.integration.serving import start_serving
 
     params = dict(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     llm = LLM(DEFAULT_MODEL_DIR, dtype="float32", max_model_len=512)
     refs = {p: llm.generate([p], SamplingParams(**params))[0].token_ids for p in PROMPTS}
     del llm
-    served = start_serving(supervise=True, decode_tp=args.decode_tp, max_num_seqs=max(8, args.clients),
-                           max_queued_requests=4 * args.clients, max_restarts=args.max_restarts,
-                           queue_timeout_s=60.0)
+    served = serve_in_process(ServeConfig(
+        model=DEFAULT_MODEL_DIR, dtype="float32", decode_tp=args.decode_tp, host="127.0.0.1", port=0, device="cpu",
+        prefill_num_blocks=96, decode_num_blocks=96, max_model_len=512, transfer_timeout_s=20.0,
+        max_num_seqs=max(8, args.clients), max_queued_requests=4 * args.clients, max_restarts=args.max_restarts,
+        queue_timeout_s=60.0), supervise=True)
     ray.cloudpickle.register_pickle_by_value(__import__(__name__))
     rng = random.Random(args.seed)
     statuses: Counter[str] = Counter()

@@ -16,32 +16,27 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 from engine.tokenizer import Tokenizer
 from router.admission import WaitingRoom
 from router.client_stream import Chunk, ClientStream, Final, relay
 from router.config import RouterConfig
 from router.errors import (
-    FAILED_PRECONDITION,
     INVALID_ARGUMENT,
-    RESOURCE_EXHAUSTED,
     UNAVAILABLE,
     RequestError,
 )
 from router.metrics import RouterMetrics
 from router.migration import Attempts, continuation
+from router.placement import Placement, Placer
 from router.policy import RoutingPolicy
 from router.prefix_index import block_hashes
 from router.requests import RequestSpec
 from router.worker_api import (
     DecodeClient,
-    DecodeStream,
     Finished,
     PrefillClient,
     PrefillOutcome,
-    Reserved,
-    Tokens,
     WorkerError,
 )
 from router.workers import Worker, WorkerPool
@@ -49,21 +44,8 @@ from router.workers import Worker, WorkerPool
 log = logging.getLogger("kvrelay.router")
 # The first retry of a failed prefill waits this long, each later one twice as long (at most 2 s).
 RETRY_BACKOFF_S = 0.25
-# A decode group answers a reservation in milliseconds; one that does not within this is treated as down.
-RESERVE_TIMEOUT_S = 10.0
 
 __all__ = ["Chunk", "Final", "Orchestrator"]
-
-
-@dataclass
-class _Placement:
-    request_id: str  # the internal id this attempt used on both workers
-    prefill: Worker
-    decode: Worker
-    stream: DecodeStream
-    events: AsyncIterator[Reserved | Tokens | Finished]
-    prefill_start: float = 0.0  # time.monotonic() when the prompt went to the prefill worker
-    skip_blocks: int = 0  # leading prompt blocks the decode group holds already: the prefill worker skips them
 
 
 class Orchestrator:
@@ -81,82 +63,7 @@ class Orchestrator:
         self._ids = itertools.count()
         first = pool.all[0].load
         self.block_size = first.block_size if first is not None else 16
-
-    # ---- placement ----------------------------------------------------------------------------------------
-    def _pick_prefill(self, hashes: list[int], prompt_len: int) -> Worker | None:
-        """A prefill worker with room in its queue (in-flight prompt tokens under the budget, so the prompts it
-        holds are a few steps of work and their decode reservations do not wait long), or None when every
-        healthy one is full. Raises UNAVAILABLE when none is healthy."""
-        healthy = [w for w in self.pool.prefill if w.view.healthy]
-        if not healthy:
-            if self.pool.coming_back(self.pool.prefill):
-                return None  # restarting: wait in line for it
-            errors = "; ".join(w.error for w in self.pool.prefill if w.error)
-            raise RequestError(UNAVAILABLE, f"no healthy prefill worker ({errors})")
-        budget = self.config.prefill_inflight_tokens
-        room = [w for w in healthy if w.view.inflight_tokens == 0 or w.view.inflight_tokens + prompt_len <= budget]
-        cached = {w.name: w.index.match(hashes) for w in room if w.index is not None}
-        view = self.policy.pick_prefill([w.view for w in room], cached)
-        return next((w for w in room if w.view is view), None)
-
-    async def _reserve(self, rid: str, spec: RequestSpec, hashes: list[int]) -> _Placement | None:
-        """One attempt: a prefill worker, and a decode group with room for the prompt's KV; None if none has."""
-        p = self._pick_prefill(hashes, len(spec.prompt_ids))
-        if p is None:
-            return None
-        cached = {w.name: w.index.match(hashes) for w in self.pool.decode if w.index is not None}
-        ranked = self.policy.rank_decode([w.view for w in self.pool.decode], cached)
-        if not ranked:
-            if self.pool.coming_back(self.pool.decode):
-                return None  # restarting: wait in line for it
-            errors = "; ".join(w.error for w in self.pool.decode if w.error)
-            raise RequestError(UNAVAILABLE, f"no healthy decode group ({errors})")
-        need = -(-len(spec.prompt_ids) // self.block_size)
-        for view in ranked:
-            d = next(w for w in self.pool.decode if w.view is view)
-            assert isinstance(d.client, DecodeClient)
-            # Counted the moment it is chosen, so that concurrent placements see it (a burst spreads over groups);
-            # the group's answer then says how many blocks it really has left.
-            d.view.inflight += 1
-            d.view.free_blocks -= need
-            placed, exhausted = False, False
-            try:
-                stream = d.client.decode(rid, spec.prompt_ids, spec.params, p.name, p.spec.tensor_parallel_size,
-                                         self.config.transfer_timeout_s)
-                events = stream.__aiter__()
-                try:
-                    first = await asyncio.wait_for(events.__anext__(), RESERVE_TIMEOUT_S)
-                except asyncio.TimeoutError:
-                    stream.cancel()
-                    self.pool.mark_unhealthy(d, f"decode group {d.name} did not answer a reservation within "
-                                                f"{RESERVE_TIMEOUT_S:.0f} s")
-                    continue
-                except WorkerError as e:
-                    if e.code == RESOURCE_EXHAUSTED:
-                        exhausted = True
-                        continue
-                    if e.code == INVALID_ARGUMENT:
-                        raise RequestError(INVALID_ARGUMENT, e.details) from None
-                    if e.code == FAILED_PRECONDITION:  # alive, but not wired to this prefill worker: try another
-                        log.warning("request %s: %s", rid, e.details)
-                        continue
-                    self.pool.mark_unhealthy(d, f"decode group {d.name}: {e.details}")
-                    continue
-                except StopAsyncIteration:
-                    continue
-                if isinstance(first, Reserved):
-                    d.view.free_blocks = first.free_blocks
-                    if d.index is not None:  # the group will hold the prompt's full blocks once they land
-                        d.index.insert(hashes)
-                    placed = True
-                    return _Placement(rid, p, d, stream, events, skip_blocks=first.num_cached_blocks)
-                stream.cancel()
-            finally:
-                if not placed:
-                    d.view.inflight -= 1
-                    # full: no room until the next poll says otherwise; else the estimate is given back
-                    d.view.free_blocks = 0 if exhausted else d.view.free_blocks + need
-        return None
+        self.placer = Placer(config, pool, self.policy, self.block_size)
 
     # ---- one request --------------------------------------------------------------------------------------
     async def generate(self, spec: RequestSpec) -> AsyncIterator[Chunk | Final]:
@@ -194,7 +101,7 @@ class Orchestrator:
         """One token: nothing to decode, the prefill worker alone answers."""
 
         async def pick() -> Worker | None:
-            return self._pick_prefill(hashes, len(spec.prompt_ids))
+            return self.placer.pick_prefill(hashes, len(spec.prompt_ids))
 
         p, queued_s = await self.room.acquire(pick, self.config.queue_timeout_s)
         outcome = await self._prefill(p, rid, spec, hashes, decode_group="")
@@ -235,7 +142,7 @@ class Orchestrator:
                 return
             hashes = block_hashes(cont.prompt_ids, self.block_size)
 
-    async def _stream(self, placement: _Placement, outcome: PrefillOutcome, spec: RequestSpec,
+    async def _stream(self, placement: Placement, outcome: PrefillOutcome, spec: RequestSpec,
                       out: ClientStream) -> AsyncIterator[Chunk]:
         """One placement's tokens: the prefill worker's first, then the decode group's. `spec` may be a migrated
         request's continuation: its outputs are numbered from `output_offset` in the client's stream."""
@@ -323,7 +230,7 @@ class Orchestrator:
             hashes = block_hashes(cont.prompt_ids, self.block_size)
 
     async def _place_and_prefill(self, rid: str, spec: RequestSpec, hashes: list[int],
-                                 attempts: Attempts) -> tuple[_Placement, PrefillOutcome, float]:
+                                 attempts: Attempts) -> tuple[Placement, PrefillOutcome, float]:
         """Reserve on a decode group and prefill into it. A prefill that fails for want of its worker (it died,
         or its transfer broke) is retried on a fresh placement, out of the request's `attempts`: the failed
         worker is polled first, so a dead one is routed around, and a live one has its KV channels to that group
@@ -331,7 +238,7 @@ class Orchestrator:
         queued = 0.0
         while True:
             arid = rid if not attempts.used else f"{rid}.{attempts.used}"  # the old id may still be aborting
-            placement, waited = await self.room.acquire(lambda: self._reserve(arid, spec, hashes),  # noqa: B023
+            placement, waited = await self.room.acquire(lambda: self.placer.reserve(arid, spec, hashes),  # noqa: B023
                                                         self.config.queue_timeout_s)
             queued += waited
             placement.prefill_start = time.monotonic()
@@ -375,7 +282,7 @@ class Orchestrator:
             self.room.notify()  # its queue has room again
 
 
-async def _lost_reason(placement: _Placement, e: WorkerError) -> str:
+async def _lost_reason(placement: Placement, e: WorkerError) -> str:
     """Why the decode group no longer had the request when its first token came: its stream says (e.g. the
     transfer deadline passed); fall back to the SetFirstToken error."""
     try:

@@ -48,16 +48,20 @@ def reserved_tokens(d: DecodeLeader) -> int:
 def test_a_burst_spreads_over_decode_groups(system, llama_dir):
     prefill, decode, target = system
     prompts = [[10 + i] * 20 for i in range(8)]  # no shared prefix: nothing but load to rank by
-    ref = [o.token_ids for o in LLM(llama_dir, max_model_len=256).generate(prompts, SamplingParams(**GREEDY))]
+    long = dict(GREEDY, max_tokens=32)  # long enough that the burst's requests are all in flight together
+    ref = [o.token_ids for o in LLM(llama_dir, max_model_len=256).generate(prompts, SamplingParams(**long))]
     before = [reserved_tokens(d) for d in decode]
 
     def one(p):
         with Client(target, timeout=60) as c:
-            return c.generate(p, **GREEDY).token_ids
+            return c.generate(p, **long).token_ids
 
     with ThreadPoolExecutor(8) as ex:
         assert list(ex.map(one, prompts)) == ref
-    assert [reserved_tokens(d) - b for d, b in zip(decode, before)] == [80, 80]  # 4 requests of 20 tokens each
+    got = [(reserved_tokens(d) - b) // 20 for d, b in zip(decode, before)]  # requests each group reserved for
+    # Counted when chosen, a placement steers the next one elsewhere: no group takes the burst alone (before, all
+    # eight landed on the first group, whose count rose only once its reservations answered).
+    assert sum(got) == 8 and min(got) >= 3, got
 
 
 def test_a_held_prefix_picks_its_group_and_only_missing_blocks_travel(system, llama_dir):
