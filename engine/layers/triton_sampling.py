@@ -124,6 +124,7 @@ def sample(logits: torch.Tensor, b: Any) -> torch.Tensor:
     return out
 
 
-# Below this many rows a row's passes split across programs (n * splits = SPLIT_ROWS programs in all): one program
-# per row leaves most of the GPU idle and runs ~60 blocks of a 128k vocabulary one after another.
-SPLIT_ROWS = 64
+# Below half this many rows a row's passes split across programs (n * splits = SPLIT_ROWS programs in all, 2 to 64
+# per row): one program per row leaves most of the GPU's 132 multiprocessors idle and runs ~60 blocks of a 128k
+# vocabulary one after another.
+SPLIT_ROWS = 512

@@ -29,9 +29,9 @@ def release_gpu_memory():
 def batch(n, device, seed=0):
     """Rows reading a persistent batch of 2n slots, in a shuffled order, as the runner hands them over."""
     g = torch.Generator().manual_seed(seed)
-    temp = torch.tensor([0.0, 0.8, 1.0, 1.3, 0.5, 0.0, 0.7, 2.0] * 8)[:n]
-    top_k = torch.tensor([0, 0, 40, 0, 5, 3, 0, 100] * 8)[:n]
-    top_p = torch.tensor([1.0, 0.95, 1.0, 0.9, 1.0, 0.5, 0.8, 1.0] * 8)[:n]
+    temp = torch.tensor([0.0, 0.8, 1.0, 1.3, 0.5, 0.0, 0.7, 2.0] * 64)[:n]
+    top_k = torch.tensor([0, 0, 40, 0, 5, 3, 0, 100] * 64)[:n]
+    top_p = torch.tensor([1.0, 0.95, 1.0, 0.9, 1.0, 0.5, 0.8, 1.0] * 64)[:n]
     slots = torch.randperm(2 * n, generator=g)[:n]
     fparams, iparams = torch.zeros(2, 2 * n), torch.zeros(2, 2 * n, dtype=torch.int64)
     fparams[0, slots], fparams[1, slots], iparams[0, slots] = temp, top_p, top_k
@@ -41,7 +41,7 @@ def batch(n, device, seed=0):
                          float_params=fparams.to(device), int_params=iparams.to(device))
 
 
-@pytest.mark.parametrize("n", [1, 8, 40])  # 1 and 8: the first round split over the vocabulary; 40: one program a row
+@pytest.mark.parametrize("n", [1, 8, 40, 300])  # up to 255 rows: the first round split over the vocabulary
 def test_triton_draw_equals_torch_reference(n):
     logits = torch.randn(n, 50000, generator=torch.Generator().manual_seed(n)) * 3
     for seed in range(8):
