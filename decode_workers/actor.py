@@ -8,6 +8,7 @@ import socket
 
 from decode_workers.group import DecodeFollower, DecodeLeader
 from engine.config import EngineConfig
+from worker_runtime.drain import drain_in_background, exit_actor_soon, on_sigterm
 from worker_runtime.server_thread import node_ip
 
 
@@ -17,6 +18,10 @@ class DecodeRankActor:
         self._secret = secret  # the deployment's: every call to rank 0's service must carry it
         self.leader: DecodeLeader | None = None
         self.follower: DecodeFollower | None = None
+        self.drained = False  # it drained on purpose (scale-down): its supervisor retires it, never restarts it
+        # A rank > 0 cannot drain the group itself: it asks, and the supervisor drains rank 0.
+        self.drain_asked = False
+        on_sigterm(self.drain)  # `kill -TERM <pid>` drains the group (worker_runtime.drain)
 
     def init_method(self) -> str:
         """Rank 0: the rendezvous address of the group's torch.distributed world (a free port on this node)."""
@@ -47,10 +52,37 @@ class DecodeRankActor:
 
     def state(self) -> str:
         """For the deployment's supervisor: "idle" (constructed, not started: e.g. just restarted by Ray),
-        "serving", or "failed" (its engine died, or a follower left its loop: a rank of the group is gone)."""
+        "serving", "failed" (its engine died, or a follower left its loop: a rank of the group is gone),
+        "draining" (scaling down, or asked to) or "drained" (rank 0 done, about to exit)."""
+        if self.drained:
+            return "drained"
         if self.leader is None and self.follower is None:
             return "idle"
-        return "serving" if self.ping() else "failed"
+        if not self.ping():
+            return "failed"
+        draining = self.drain_asked or (self.leader is not None and self.leader.drain.draining)
+        return "draining" if draining else "serving"
+
+    def drain(self) -> None:
+        """Scale down the group (rank 0): refuse new requests, finish those it has, then stop the group and exit
+        (idempotent). On another rank it only asks (state "draining"): the supervisor drains rank 0."""
+        if self.leader is None:
+            self.drain_asked = True
+            if self.follower is None:  # never started
+                self.drained = True
+                exit_actor_soon()
+        elif not self.leader.drain.draining:
+            drain_in_background(self.name, self.leader.drain, self.leader.loop, self._drained)
+
+    def _drained(self) -> None:
+        self.drained = True
+        self.stop()
+        exit_actor_soon()
+
+    def exit(self) -> None:
+        import ray
+
+        ray.actor.exit_actor()
 
     def stop(self) -> None:
         """Rank 0 stops the group: its engine tells the followers to leave their loops."""

@@ -14,6 +14,7 @@ from engine.executor import Executor, GroupLeaderExecutor
 from engine.llm_engine import LLMEngine
 from engine.worker import TPWorker, run_follower
 from kv_transfer.wire import with_staging
+from worker_runtime.drain import Drain
 from worker_runtime.server_thread import AsyncServerThread
 
 KV_CONNECTOR = "kv_transfer.connector:KVConnector"
@@ -45,7 +46,8 @@ class DecodeLeader:
             config = dataclasses.replace(config, device=device)
         self.engine = LLMEngine(config, executor)
         self.loop = EngineLoop(self.engine, name)
-        service = DecodeService(name, self.loop)
+        self.drain = Drain()  # scaling down (worker_runtime.drain): set by its actor
+        service = DecodeService(name, self.loop, self.drain)
         self.server = AsyncServerThread(lambda s: add_to_server(s, service), secret, bind_host, port, name)
         self.port = self.server.start()
         self.loop.deliver_on(self.server.loop)

@@ -15,6 +15,7 @@ from engine.sampling_params import SamplingParams
 from protos import checks, codec
 from protos import worker_pb2 as wpb
 from protos import worker_pb2_grpc as wpb_grpc
+from worker_runtime.drain import Drain
 from worker_runtime.health import load_fields
 from worker_runtime.rpc import Refusal, Started, follow, start_request
 
@@ -26,14 +27,17 @@ MAX_PEERS = 64
 
 
 class DecodeService(wpb_grpc.DecodeGroupServicer):
-    def __init__(self, name: str, loop: EngineLoop) -> None:
+    def __init__(self, name: str, loop: EngineLoop, drain: Drain | None = None) -> None:
         self.name, self.loop = name, loop
+        self.drain = drain or Drain()  # once draining, Decode and Generate are refused (UNAVAILABLE "... is draining")
         cfg = loop.engine.config
         self.vocab_size, self.max_model_len = cfg.model.vocab_size, cfg.scheduler.max_model_len
         self.peers: dict[str, int] = {}  # prefill worker -> its ranks, once a Listen for it succeeded
 
     def _check(self, request: wpb.DecodeRequest | wpb.LocalRequest) -> tuple[str, tuple[list[int], SamplingParams]]:
-        """(request id, (prompt, sampling parameters)) of a valid request; ValueError says what is wrong."""
+        """(request id, (prompt, sampling parameters)) of a valid request; ValueError says what is wrong (a
+        Refusal while draining)."""
+        self.drain.check(f"decode group {self.name}")
         rid = checks.identifier(request.request_id, "request_id")
         prompt = checks.prompt(request.prompt_token_ids, self.vocab_size, self.max_model_len)
         params = SamplingParams(**checks.sampling(request.sampling, self.vocab_size),
@@ -126,7 +130,7 @@ class DecodeService(wpb_grpc.DecodeGroupServicer):
         return wpb.Ack()
 
     async def GetLoad(self, request: wpb.LoadRequest, context: grpc.aio.ServicerContext) -> wpb.WorkerLoad:
-        return codec.load_message(load_fields(self.name, self.loop))
+        return codec.load_message(load_fields(self.name, self.loop, self.drain.draining))
 
 
 def tokens_message(batch: list[RequestOutput]) -> wpb.DecodeTokens:

@@ -41,6 +41,8 @@ class Served:
         out = []
         assert self.router.pool is not None
         for w in self.router.pool.all:
+            if w.retired:  # gone for good (given up on, or drained): nothing answers there
+                continue
             with grpc.insecure_channel(w.spec.address) as ch:
                 stub = (wpb_grpc.PrefillWorkerStub(ch) if w in self.router.pool.prefill
                         else wpb_grpc.DecodeGroupStub(ch))

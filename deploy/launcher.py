@@ -154,6 +154,14 @@ class Deployment:
             return self.prefill_actors[int(name.split("-")[1])].start.remote()
         return self.start_group(int(name.split("-")[1]))[0]
 
+    def drain(self, name: str, timeout_s: float = 30.0) -> None:
+        """Scale worker `name` ("prefill-0", "decode-1") down: it refuses new work, finishes what it has, then
+        exits; the supervisor retires it (never restarts it). Returns once draining has begun. The same as
+        `kill -TERM <pid>` of its actor (a decode group's: any rank)."""
+        import ray
+
+        ray.get(self.units()[name][0].drain.remote(), timeout=timeout_s)
+
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop the engines cleanly where they answer, then kill every actor and release the placements."""
         import ray

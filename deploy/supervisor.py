@@ -9,6 +9,10 @@ address to the router's pool, which re-wires the KV channels between it and ever
 rotation; the surviving side is never restarted. After `max_restarts` restarts of one worker it gives up: the
 actors are killed for good, a log line says so, and the router stops waiting for it (requests then fail
 UNAVAILABLE when no capacity is left).
+
+A worker drained on purpose (scale-down: SIGTERM to an actor's process, or `Deployment.drain`) reports "draining":
+the router is told at once (no new work goes to it) and, once it reports "drained" or has exited, it is retired,
+never restarted. A rank > 0 of a decode group that got the SIGTERM only asks; the supervisor drains rank 0.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ class Supervisor:
         self.recovery_s: dict[str, list[float]] = {}  # worker name -> seconds from loss to rejoined, per restart
         self.rejoined_at: dict[str, list[float]] = {}  # worker name -> time.monotonic() of each rejoin
         self.given_up: set[str] = set()
+        self.draining: set[str] = set()  # workers seen draining (scale-down)
+        self.drained: set[str] = set()  # workers that drained and left: retired, never restarted
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -53,11 +59,15 @@ class Supervisor:
     async def _run(self) -> None:
         while True:
             for name, actors in self.deployment.units().items():
-                if name in self.given_up:
+                if name in self.given_up or name in self.drained:
                     continue
                 try:
                     states = await self._states(actors)
-                    if any(s != "serving" for s in states):
+                    if "drained" in states or (name in self.draining and "gone" in states):
+                        self._retire_drained(name, actors)
+                    elif "draining" in states:
+                        self._draining(name, actors)
+                    elif any(s != "serving" for s in states):
                         await self._recover(name, actors, states)
                 except asyncio.CancelledError:
                     raise
@@ -106,6 +116,23 @@ class Supervisor:
             self.recovery_s.setdefault(name, []).append(took)
             self.rejoined_at.setdefault(name, []).append(time.monotonic())
             log.warning("worker %s is back at %s after %.1f s", name, address, took)
+
+    def _draining(self, name: str, actors: list[Any]) -> None:
+        if name in self.draining:
+            return
+        self.draining.add(name)
+        self.pool.draining(name)
+        actors[0].drain.remote()  # a decode group's rank 0 drains the group, whichever rank was asked
+        log.warning("worker %s is draining (scale-down): it leaves once its requests are done", name)
+
+    def _retire_drained(self, name: str, actors: list[Any]) -> None:
+        import ray
+
+        self.drained.add(name)
+        self.pool.retire(name, f"{name} drained (scaled down)")
+        for a in actors:  # what is left of it (a decode group's other ranks): for good, never restarted
+            ray.kill(a, no_restart=True)
+        log.warning("worker %s drained and was retired", name)
 
     def _give_up(self, name: str, actors: list[Any], why: str) -> None:
         import ray

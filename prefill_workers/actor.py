@@ -8,6 +8,7 @@ import os
 
 from engine.config import EngineConfig
 from prefill_workers.worker import PrefillWorker
+from worker_runtime.drain import drain_in_background, exit_actor_soon, on_sigterm
 from worker_runtime.server_thread import node_ip
 
 
@@ -16,6 +17,8 @@ class PrefillActor:
         self.name, self.config = name, config
         self._secret = secret  # the deployment's: every call to this worker's service must carry it
         self.worker: PrefillWorker | None = None
+        self.drained = False  # it drained on purpose (scale-down): its supervisor retires it, never restarts it
+        on_sigterm(self.drain)  # `kill -TERM <pid>` drains (worker_runtime.drain)
 
     def start(self, port: int = 0) -> str:
         """Load the model, start the engine and the gRPC service; returns "host:port" to reach it."""
@@ -33,10 +36,32 @@ class PrefillActor:
 
     def state(self) -> str:
         """For the deployment's supervisor: "idle" (constructed, not started: e.g. just restarted by Ray),
-        "serving", or "failed" (its engine died)."""
+        "serving", "failed" (its engine died), "draining" (scaling down) or "drained" (about to exit)."""
+        if self.drained:
+            return "drained"
         if self.worker is None:
             return "idle"
-        return "serving" if self.worker.loop.error is None else "failed"
+        if self.worker.loop.error is not None:
+            return "failed"
+        return "draining" if self.worker.drain.draining else "serving"
+
+    def drain(self) -> None:
+        """Scale down: refuse new prompts, finish those it has, then stop and exit (idempotent)."""
+        if self.worker is None:
+            self.drained = True
+            exit_actor_soon()
+        elif not self.worker.drain.draining:
+            drain_in_background(self.name, self.worker.drain, self.worker.loop, self._drained)
+
+    def _drained(self) -> None:
+        self.drained = True
+        self.stop()
+        exit_actor_soon()
+
+    def exit(self) -> None:
+        import ray
+
+        ray.actor.exit_actor()
 
     def stop(self) -> None:
         if self.worker is not None:

@@ -15,6 +15,7 @@ from engine.sampling_params import SamplingParams
 from protos import checks, codec
 from protos import worker_pb2 as wpb
 from protos import worker_pb2_grpc as wpb_grpc
+from worker_runtime.drain import Drain
 from worker_runtime.health import load_fields
 from worker_runtime.rpc import Refusal, follow, refuse, start_request
 
@@ -26,8 +27,9 @@ CONNECT_POLL_S = 0.02
 
 
 class PrefillService(wpb_grpc.PrefillWorkerServicer):
-    def __init__(self, name: str, loop: EngineLoop) -> None:
+    def __init__(self, name: str, loop: EngineLoop, drain: Drain | None = None) -> None:
         self.name, self.loop = name, loop
+        self.drain = drain or Drain()  # once draining, new prompts are refused (UNAVAILABLE "... is draining")
         cfg = loop.engine.config
         self.vocab_size, self.max_model_len = cfg.model.vocab_size, cfg.scheduler.max_model_len
         self.tp = cfg.parallel.tensor_parallel_size
@@ -37,6 +39,7 @@ class PrefillService(wpb_grpc.PrefillWorkerServicer):
 
     def _parse(self, request: wpb.PrefillRequest) -> tuple[str, tuple[list[int], SamplingParams, dict | None]]:
         """(request id, (prompt, parameters, transfer)) of a valid request; ValueError or Refusal otherwise."""
+        self.drain.check(f"prefill worker {self.name}")
         rid = checks.identifier(request.request_id, "request_id")
         prompt = checks.prompt(request.prompt_token_ids, self.vocab_size, self.max_model_len)
         params = SamplingParams(**checks.sampling(request.sampling, self.vocab_size),
@@ -129,7 +132,7 @@ class PrefillService(wpb_grpc.PrefillWorkerServicer):
             self.loop.call(lambda eng: eng.call_extension("connect_state", ticket, True))
 
     async def GetLoad(self, request: wpb.LoadRequest, context: grpc.aio.ServicerContext) -> wpb.WorkerLoad:
-        return codec.load_message(load_fields(self.name, self.loop))
+        return codec.load_message(load_fields(self.name, self.loop, self.drain.draining))
 
 
 def add_to_server(server: Any, service: PrefillService) -> None:

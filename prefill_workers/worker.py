@@ -10,6 +10,7 @@ from engine.engine_loop import EngineLoop
 from engine.llm_engine import LLMEngine
 from kv_transfer.wire import with_staging
 from prefill_workers.service import PrefillService, add_to_server
+from worker_runtime.drain import Drain
 from worker_runtime.server_thread import AsyncServerThread
 
 KV_CONNECTOR = "kv_transfer.connector:KVConnector"
@@ -26,7 +27,8 @@ class PrefillWorker:
                                      cache=with_staging(config))
         self.engine = LLMEngine(config)
         self.loop = EngineLoop(self.engine, name)
-        service = PrefillService(name, self.loop)
+        self.drain = Drain()  # scaling down (worker_runtime.drain): set by its actor
+        service = PrefillService(name, self.loop, self.drain)
         self.server = AsyncServerThread(lambda s: add_to_server(s, service), secret, bind_host, port, name)
         self.port = self.server.start()
         self.loop.deliver_on(self.server.loop)

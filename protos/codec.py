@@ -14,6 +14,10 @@ SAMPLING_DEFAULTS: dict[str, Any] = dict(max_tokens=16, temperature=1.0, top_k=0
                                          skip_special_tokens=True)
 _OPTIONAL = ("max_tokens", "temperature", "top_k", "top_p", "seed", "logprobs", "skip_special_tokens")
 
+# How a draining worker's UNAVAILABLE refusal ends ("prefill worker p0 is draining"): the router tells a worker
+# scaling down from a failed one by it, so the refusal neither counts as a failure nor marks the worker unhealthy.
+DRAINING = "is draining"
+
 
 def sampling_kwargs(msg: pb.SamplingParams) -> dict[str, Any]:
     """Keyword arguments for `engine.SamplingParams`: unset optional fields take the defaults."""

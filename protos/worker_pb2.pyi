@@ -186,7 +186,7 @@ class LoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("name", "num_blocks", "free_blocks", "block_size", "running", "waiting", "prefix_cache_hit_rate", "healthy", "error", "max_num_seqs", "num_preemptions", "kv_layout")
+    __slots__ = ("name", "num_blocks", "free_blocks", "block_size", "running", "waiting", "prefix_cache_hit_rate", "healthy", "error", "max_num_seqs", "num_preemptions", "kv_layout", "draining")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -199,6 +199,7 @@ class WorkerLoad(_message.Message):
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
     NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     KV_LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_blocks: int
     free_blocks: int
@@ -211,4 +212,5 @@ class WorkerLoad(_message.Message):
     max_num_seqs: int
     num_preemptions: int
     kv_layout: KVLayout
-    def __init__(self, name: _Optional[str] = ..., num_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., healthy: _Optional[bool] = ..., error: _Optional[str] = ..., max_num_seqs: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., kv_layout: _Optional[_Union[KVLayout, _Mapping]] = ...) -> None: ...
+    draining: bool
+    def __init__(self, name: _Optional[str] = ..., num_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., healthy: _Optional[bool] = ..., error: _Optional[str] = ..., max_num_seqs: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., kv_layout: _Optional[_Union[KVLayout, _Mapping]] = ..., draining: _Optional[bool] = ...) -> None: ...

@@ -48,6 +48,10 @@ RETRY_BACKOFF_S = 0.25
 __all__ = ["Chunk", "Final", "Orchestrator"]
 
 
+class PrefillDraining(Exception):
+    """The prefill worker refused the prompt because it is scaling down: placed again, no attempt spent."""
+
+
 class Orchestrator:
     """Mutates: worker views (in-flight counts), prefix indexes, the waiting room and the metrics."""
 
@@ -103,8 +107,13 @@ class Orchestrator:
         async def pick() -> Worker | None:
             return self.placer.pick_prefill(hashes, len(spec.prompt_ids))
 
-        p, queued_s = await self.room.acquire(pick, self.config.queue_timeout_s)
-        outcome = await self._prefill(p, rid, spec, hashes, decode_group="")
+        while True:
+            p, queued_s = await self.room.acquire(pick, self.config.queue_timeout_s)
+            try:
+                outcome = await self._prefill(p, rid, spec, hashes, decode_group="")
+                break
+            except PrefillDraining:
+                continue
         out.queued_ms, out.cached_tokens = queued_s * 1e3, outcome.cached_tokens
         if not out.add(outcome.first_token, outcome.logprob):
             out.finish(outcome.finish_reason)
@@ -188,7 +197,8 @@ class Orchestrator:
         cont = spec
 
         async def seat() -> Worker | None:
-            free = [w for w in self.pool.decode if w.view.inflight < (w.load.max_num_seqs if w.load else 1)]
+            free = [w for w in self.pool.decode if not w.view.draining and
+                    w.view.inflight < (w.load.max_num_seqs if w.load else 1)]
             cached = {w.name: w.index.match(hashes) for w in free if w.index is not None}
             view = self.policy.pick_prefill([w.view for w in free], cached)
             if view is None and not any(w.view.healthy for w in self.pool.decode) and \
@@ -250,6 +260,8 @@ class Orchestrator:
                 placement.stream.cancel()  # frees the reservation on the decode group
                 placement.decode.view.inflight -= 1
                 self.room.notify()
+                if isinstance(e, PrefillDraining):  # not a failure: placed again on another worker
+                    continue
                 if not isinstance(e, RequestError):
                     raise
                 attempts.take(e)
@@ -275,6 +287,9 @@ class Orchestrator:
         except WorkerError as e:
             if e.code == INVALID_ARGUMENT:
                 raise RequestError(INVALID_ARGUMENT, e.details) from None
+            if e.draining:
+                p.view.draining = True
+                raise PrefillDraining(e.details) from None
             raise RequestError(UNAVAILABLE, f"prefill on {p.name} failed: {e.details}") from None
         finally:
             p.view.inflight -= 1

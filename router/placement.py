@@ -44,7 +44,7 @@ class Placer:
         """A prefill worker with room in its queue (in-flight prompt tokens under the budget, so the prompts it
         holds are a few steps of work and their decode reservations do not wait long), or None when every
         healthy one is full. Raises UNAVAILABLE when none is healthy."""
-        healthy = [w for w in self.pool.prefill if w.view.healthy]
+        healthy = [w for w in self.pool.prefill if w.view.healthy and not w.view.draining]
         if not healthy:
             if self.pool.coming_back(self.pool.prefill):
                 return None  # restarting: wait in line for it
@@ -89,6 +89,9 @@ class Placer:
                                                 f"{RESERVE_TIMEOUT_S:.0f} s")
                     continue
                 except WorkerError as e:
+                    if e.draining:  # scaling down: not a failure, the next group is tried
+                        d.view.draining = True
+                        continue
                     if e.code == RESOURCE_EXHAUSTED:
                         exhausted = True
                         continue

@@ -18,6 +18,7 @@ class WorkerView:
 
     name: str
     healthy: bool = True
+    draining: bool = False  # scaling down (its load says so, or it refused a call): no new work goes to it
     inflight: int = 0  # requests the router has on it now
     inflight_tokens: int = 0  # prompt tokens the router has on it now (prefill workers)
     free_blocks: int = 0
@@ -39,7 +40,7 @@ class RoutingPolicy:
 
     def pick_prefill(self, workers: list[WorkerView], cached_blocks: dict[str, int]) -> WorkerView | None:
         """The prefill worker for a prompt; `cached_blocks[name]` = its (estimated) cached prefix, in blocks."""
-        healthy = [w for w in workers if w.healthy]
+        healthy = [w for w in workers if w.healthy and not w.draining]
         if not healthy:
             return None
         if self.name == "round_robin":
@@ -57,7 +58,7 @@ class RoutingPolicy:
         """Healthy decode groups in the order to try them: the longest cached prefix first (`cached_blocks[name]`,
         in blocks; not for a group `balance_abs_threshold` requests busier than the least loaded), then the most
         free KV blocks, then the least loaded."""
-        healthy = [g for g in groups if g.healthy]
+        healthy = [g for g in groups if g.healthy and not g.draining]
         if not healthy:
             return []
         least = min(g.load for g in healthy)

@@ -12,6 +12,7 @@ import grpc
 from protos import codec
 from protos import worker_pb2 as wpb
 from protos import worker_pb2_grpc as wpb_grpc
+from protos.codec import DRAINING
 from protos.guards import secret_metadata
 
 # Keepalive pings: a worker whose node vanished without closing its connections (power loss, partition) fails
@@ -33,6 +34,11 @@ class WorkerError(Exception):
         code = e.code() if hasattr(e, "code") else None
         details = e.details() if hasattr(e, "details") else str(e)
         return cls(code.name if code is not None else "UNKNOWN", codec.one_line(details or "no details"))
+
+    @property
+    def draining(self) -> bool:
+        """A refusal from a worker that is scaling down (worker_runtime.drain): not a failure, try another."""
+        return self.code == "UNAVAILABLE" and self.details.endswith(DRAINING)
 
 
 @dataclass
@@ -78,6 +84,7 @@ class Load:
     max_num_seqs: int
     num_preemptions: int = 0  # since the worker started
     kv_layout: dict[str, Any] | None = None  # engine.config.KVLayout's fields; None from a worker that sends none
+    draining: bool = False  # scaling down: it takes no new work and exits once idle
 
 
 @dataclass(frozen=True)
@@ -91,7 +98,8 @@ class ChannelAddress:
 def _load(msg: wpb.WorkerLoad) -> Load:
     return Load(msg.name, msg.num_blocks, msg.free_blocks, msg.block_size, msg.running, msg.waiting,
                 msg.prefix_cache_hit_rate, msg.healthy, codec.one_line(msg.error), msg.max_num_seqs,
-                msg.num_preemptions, codec.layout_fields(msg.kv_layout) if msg.HasField("kv_layout") else None)
+                msg.num_preemptions, codec.layout_fields(msg.kv_layout) if msg.HasField("kv_layout") else None,
+                msg.draining)
 
 
 class _Client:

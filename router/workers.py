@@ -152,6 +152,10 @@ class WorkerPool:
         w = self.find(name)
         w.restarting, w.view.healthy, w.error = True, False, why
 
+    def draining(self, name: str) -> None:
+        """Worker `name` is scaling down (its supervisor or a refusal says so): no new work goes to it."""
+        self.find(name).view.draining = True
+
     def retire(self, name: str, why: str) -> None:
         """Its supervisor gave up on worker `name`: unhealthy for good, and no longer waited for."""
         w = self.find(name)
@@ -172,6 +176,10 @@ class WorkerPool:
         try:
             load = await w.client.load(timeout_s=max(2.0, 5 * self.poll_interval_s))
         except WorkerError as e:
+            if w.view.draining:  # it drained and exited (scale-down): out of rotation for good, not a failure
+                log.warning("worker %s drained and left", w.name)
+                self.retire(w.name, f"{w.name} drained (scaled down)")
+                return False
             if w.view.healthy:
                 log.warning("worker %s is unreachable: %s", w.name, e)
             w.view.healthy, w.error = False, f"{w.name} is unreachable ({e.code}: {e.details})"
@@ -185,6 +193,9 @@ class WorkerPool:
         if v.healthy and not load.healthy:
             log.error("worker %s reports it is unhealthy: %s", w.name, load.error)
         v.healthy, w.error = load.healthy, load.error
+        if load.draining and not v.draining:
+            log.warning("worker %s is draining: no new work goes to it", w.name)
+        v.draining = v.draining or load.draining  # a worker never stops draining: it exits
         return load.healthy
 
     async def _poll_loop(self) -> None:

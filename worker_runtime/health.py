@@ -25,14 +25,16 @@ def health_error(loop: EngineLoop) -> str:
     return ""
 
 
-def load_fields(name: str, loop: EngineLoop) -> dict[str, Any]:
-    """The fields of the worker's `WorkerLoad` message, from the loop's last published stats."""
+def load_fields(name: str, loop: EngineLoop, draining: bool = False) -> dict[str, Any]:
+    """The fields of the worker's `WorkerLoad` message, from the loop's last published stats (`draining`: it is
+    scaling down, worker_runtime.drain)."""
     s, cfg = loop.stats, loop.engine.config
     error = health_error(loop)
     return dict(name=name, num_blocks=s.num_blocks, free_blocks=s.free_blocks, block_size=cfg.cache.block_size,
                 running=s.running, waiting=s.waiting + s.remote, prefix_cache_hit_rate=s.prefix_cache_hit_rate,
                 healthy=not error, error=error, max_num_seqs=cfg.scheduler.max_num_seqs,
-                num_preemptions=_preemptions(loop.engine), kv_layout=vars(KVLayout.of(cfg)).copy())
+                num_preemptions=_preemptions(loop.engine), kv_layout=vars(KVLayout.of(cfg)).copy(),
+                draining=draining)
 
 
 def _preemptions(engine: Any) -> int:
