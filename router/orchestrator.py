@@ -137,19 +137,33 @@ class Orchestrator:
                     yield c
                 return
             except RequestError as e:
-                if out.reason is not None:
-                    raise
-                attempts.take(e)
-                log.warning("request %s: %s; migrating with %d tokens streamed", rid, e.message, out.received)
-                self.metrics.migrated()
-                await self.pool.check(placement.decode)  # a dead group is routed around from now on
-            cont, reason = continuation(spec, list(out.state.token_ids), self.eos_token_ids)
-            if reason is not None:  # the lost group had streamed the request's last token already
-                out.finish(reason)
+                await self._lost(rid, e, out, attempts, placement.decode)
+            cont = self._continuation(spec, out)
+            if cont is None:
                 if (c := out.chunk()) is not None:
                     yield c
                 return
             hashes = block_hashes(cont.prompt_ids, self.block_size)
+
+    async def _lost(self, rid: str, e: RequestError, out: ClientStream, attempts: Attempts, group: Worker) -> None:
+        """`group` was lost while it streamed the request: re-raise `e` when the request cannot move (it had
+        ended, or its attempts are spent), else count the migration and have the group checked, so a dead one is
+        routed around from now on."""
+        if out.reason is not None:
+            raise e
+        attempts.take(e)
+        log.warning("request %s: %s; migrating with %d tokens streamed", rid, e.message, out.received)
+        self.metrics.migrated()
+        await self.pool.check(group)
+
+    def _continuation(self, spec: RequestSpec, out: ClientStream) -> RequestSpec | None:
+        """The migrated request (prompt + the tokens streamed so far), or None when the lost group had streamed
+        its last token already (then `out` is finished)."""
+        cont, reason = continuation(spec, list(out.state.token_ids), self.eos_token_ids)
+        if reason is not None:
+            out.finish(reason)
+            return None
+        return cont
 
     async def _stream(self, placement: Placement, outcome: PrefillOutcome, spec: RequestSpec,
                       out: ClientStream) -> AsyncIterator[Chunk]:
@@ -221,19 +235,13 @@ class Orchestrator:
                     yield c
                 return
             except RequestError as e:
-                if out.reason is not None:
-                    raise
-                attempts.take(e)
-                log.warning("request %s: %s; migrating with %d tokens streamed", rid, e.message, out.received)
-                self.metrics.migrated()
-                await self.pool.check(d)
+                await self._lost(rid, e, out, attempts, d)
             finally:
                 stream.cancel()
                 d.view.inflight -= 1
                 self.room.notify()
-            cont, reason = continuation(spec, list(out.state.token_ids), self.eos_token_ids)
-            if reason is not None:
-                out.finish(reason)
+            cont = self._continuation(spec, out)
+            if cont is None:
                 if (c := out.chunk()) is not None:
                     yield c
                 return
