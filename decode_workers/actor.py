@@ -8,11 +8,11 @@ import socket
 
 from decode_workers.group import DecodeFollower, DecodeLeader
 from engine.config import EngineConfig
-from worker_runtime.drain import drain_in_background, exit_actor_soon, on_sigterm
+from worker_runtime.drain import DrainingActor, drain_in_background, exit_actor_soon, on_sigterm
 from worker_runtime.server_thread import node_ip
 
 
-class DecodeRankActor:
+class DecodeRankActor(DrainingActor):
     def __init__(self, name: str, config: EngineConfig, rank: int, secret: str) -> None:
         self.name, self.config, self.rank = name, config, rank
         self._secret = secret  # the deployment's: every call to rank 0's service must carry it
@@ -73,16 +73,6 @@ class DecodeRankActor:
                 exit_actor_soon()
         elif not self.leader.drain.draining:
             drain_in_background(self.name, self.leader.drain, self.leader.loop, self._drained)
-
-    def _drained(self) -> None:
-        self.drained = True
-        self.stop()
-        exit_actor_soon()
-
-    def exit(self) -> None:
-        import ray
-
-        ray.actor.exit_actor()
 
     def stop(self) -> None:
         """Rank 0 stops the group: its engine tells the followers to leave their loops."""

@@ -8,11 +8,11 @@ import os
 
 from engine.config import EngineConfig
 from prefill_workers.worker import PrefillWorker
-from worker_runtime.drain import drain_in_background, exit_actor_soon, on_sigterm
+from worker_runtime.drain import DrainingActor, drain_in_background, exit_actor_soon, on_sigterm
 from worker_runtime.server_thread import node_ip
 
 
-class PrefillActor:
+class PrefillActor(DrainingActor):
     def __init__(self, name: str, config: EngineConfig, secret: str) -> None:
         self.name, self.config = name, config
         self._secret = secret  # the deployment's: every call to this worker's service must carry it
@@ -52,16 +52,6 @@ class PrefillActor:
             exit_actor_soon()
         elif not self.worker.drain.draining:
             drain_in_background(self.name, self.worker.drain, self.worker.loop, self._drained)
-
-    def _drained(self) -> None:
-        self.drained = True
-        self.stop()
-        exit_actor_soon()
-
-    def exit(self) -> None:
-        import ray
-
-        ray.actor.exit_actor()
 
     def stop(self) -> None:
         if self.worker is not None:

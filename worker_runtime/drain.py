@@ -81,6 +81,27 @@ def exit_actor_soon() -> None:
     ray.get_runtime_context().current_actor.exit.remote()
 
 
+class DrainingActor:
+    """What both worker actors share once a drain has finished: stop the worker and leave as an intended exit.
+    A subclass sets `drained` in its constructor and has `stop()`."""
+
+    drained: bool
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def _drained(self) -> None:
+        self.drained = True
+        self.stop()
+        exit_actor_soon()
+
+    def exit(self) -> None:
+        """An intended exit (Ray does not restart the actor)."""
+        import ray
+
+        ray.actor.exit_actor()
+
+
 def on_sigterm(handler: Callable[[], None]) -> bool:
     """Call `handler` on SIGTERM (from the main thread only, where Python runs signal handlers); False when
     this is not the main thread (the caller then relies on its drain call)."""
