@@ -8,14 +8,15 @@ from typing import Any
 
 import grpc
 
-from engine.engine_loop import EngineDead, EngineLoop
-from engine.llm_engine import LLMEngine
+from engine.engine_loop import EngineDead
+from engine.kv_connector import RemoteReservation
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from protos import checks, codec
 from protos import worker_pb2 as wpb
 from protos import worker_pb2_grpc as wpb_grpc
 from worker_runtime.drain import Drain
+from worker_runtime.handle import EngineHandle
 from worker_runtime.health import load_fields
 from worker_runtime.rpc import Refusal, Started, follow, start_request
 
@@ -27,10 +28,10 @@ MAX_PEERS = 64
 
 
 class DecodeService(wpb_grpc.DecodeGroupServicer):
-    def __init__(self, name: str, loop: EngineLoop, drain: Drain | None = None) -> None:
+    def __init__(self, name: str, loop: EngineHandle, drain: Drain | None = None) -> None:
         self.name, self.loop = name, loop
         self.drain = drain or Drain()  # once draining, Decode and Generate are refused (UNAVAILABLE "... is draining")
-        cfg = loop.engine.config
+        cfg = loop.config
         self.vocab_size, self.max_model_len = cfg.model.vocab_size, cfg.scheduler.max_model_len
         self.peers: dict[str, int] = {}  # prefill worker -> its ranks, once a Listen for it succeeded
 
@@ -44,7 +45,8 @@ class DecodeService(wpb_grpc.DecodeGroupServicer):
                                 output_offset=request.output_offset)  # a migrated request's noise continues
         return rid, (prompt, params)
 
-    def _check_decode(self, request: wpb.DecodeRequest) -> tuple[str, tuple[list[int], SamplingParams, float]]:
+    def _check_decode(self, request: wpb.DecodeRequest) -> tuple[str, tuple[list[int], SamplingParams, str, int,
+                                                                             float]]:
         """`_check`, the transfer deadline, and the pair's wiring (FAILED_PRECONDITION: not the caller's input
         alone, the pair may need (re-)wiring, so a router tries elsewhere)."""
         rid, (prompt, params) = self._check(request)
@@ -53,7 +55,7 @@ class DecodeService(wpb_grpc.DecodeGroupServicer):
         if self.peers.get(peer) != peer_tp:
             raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, f"decode group {self.name} has no KV channels from "
                           f"prefill worker {peer[:64]!r} of {peer_tp} rank(s): Listen first")
-        return rid, (prompt, params, timeout_s)
+        return rid, (prompt, params, peer, peer_tp, timeout_s)
 
     async def Listen(self, request: wpb.ListenRequest, context: grpc.aio.ServicerContext) -> wpb.ListenReply:
         try:
@@ -65,7 +67,7 @@ class DecodeService(wpb_grpc.DecodeGroupServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"decode group {self.name} listens for {MAX_PEERS} prefill workers already")
         try:
-            per_rank = await asyncio.wait_for(self.loop.acall(lambda eng: eng.call_extension("listen", peer, tp)),
+            per_rank = await asyncio.wait_for(self.loop.acall("call_extension", "listen", peer, tp),
                                               LISTEN_TIMEOUT_S)
         except asyncio.TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -80,19 +82,17 @@ class DecodeService(wpb_grpc.DecodeGroupServicer):
 
     async def Decode(self, request: wpb.DecodeRequest,
                      context: grpc.aio.ServicerContext) -> AsyncIterator[wpb.DecodeEvent]:
-        peer, peer_tp = request.prefill_worker, request.prefill_tensor_parallel_size
-
-        def reserve(eng: LLMEngine, rid: str, a: tuple[list[int], SamplingParams, float]) -> wpb.Reserved:
-            reservation = eng.reserve_remote_prefill(rid, a[0], a[1], peer, peer_tp, timeout_s=a[2])
-            free = eng.num_free_blocks
-            if reservation is None:
-                raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"decode group {self.name} has no free KV blocks or seats now ({free} blocks free)")
-            return wpb.Reserved(num_blocks=len(reservation.block_ids), free_blocks=free,
-                                num_cached_blocks=reservation.num_cached_blocks)
+        def no_room(reservation: RemoteReservation | None) -> Refusal | None:
+            if reservation is not None:
+                return None
+            return Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode group {self.name} has no free KV blocks "
+                           f"or seats now ({self.loop.stats.free_blocks} blocks free)")
 
         started = await start_request(context, f"decode group {self.name}", self.loop,
-                                      lambda: self._check_decode(request), reserve)
+                                      lambda: self._check_decode(request), "reserve_remote_prefill", no_room)
+        reservation = started.value
+        started.value = wpb.Reserved(num_blocks=len(reservation.block_ids), free_blocks=reservation.free_blocks,
+                                     num_cached_blocks=reservation.num_cached_blocks)
         yield wpb.DecodeEvent(reserved=started.value)
         async for ev in self._relay(started):
             yield ev
@@ -100,7 +100,7 @@ class DecodeService(wpb_grpc.DecodeGroupServicer):
     async def Generate(self, request: wpb.LocalRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[wpb.DecodeEvent]:
         started = await start_request(context, f"decode group {self.name}", self.loop, lambda: self._check(request),
-                                      lambda eng, rid, a: eng.add_request(rid, a[0], a[1]))
+                                      "add_request")
         async for ev in self._relay(started):
             yield ev
 
@@ -119,7 +119,7 @@ class DecodeService(wpb_grpc.DecodeGroupServicer):
     async def SetFirstToken(self, request: wpb.FirstToken, context: grpc.aio.ServicerContext) -> wpb.Ack:
         try:
             rid = checks.identifier(request.request_id, "request_id")
-            await self.loop.acall(lambda eng: eng.set_first_token(rid, request.token_id))
+            await self.loop.acall("set_first_token", rid, request.token_id)
         except ValueError as e:  # an empty id, or a token outside the vocabulary (the engine's check)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except KeyError:

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 from torch.distributed import DistError
 
+from engine.config import EngineConfig
 from engine.executor import WorkerError
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
@@ -52,6 +53,13 @@ class EngineStats:
     remote: int
     prefix_cache_hit_rate: float
     steps: int
+    num_preemptions: int = 0  # since the engine started
+
+
+# What other threads (and, through `worker_runtime.engine_core`, other processes) may ask of the engine by name:
+# the operations a worker service needs. Named, not callables, so the same calls cross a process boundary.
+OPERATIONS = frozenset({"add_request", "reserve_remote_prefill", "set_first_token", "abort_request",
+                        "call_extension"})
 
 
 class EngineLoop:
@@ -72,8 +80,14 @@ class EngineLoop:
         self._thread.start()
 
     # ---- used from other threads --------------------------------------------------------------------------
-    def call(self, fn: Callable[[LLMEngine], T]) -> concurrent.futures.Future[T]:
-        """Run `fn(engine)` on the loop thread before its next step; the future holds its value or exception."""
+    @property
+    def config(self) -> EngineConfig:
+        return self.engine.config
+
+    def call(self, op: str | Callable[[LLMEngine], T], *args: Any) -> concurrent.futures.Future[T]:
+        """Run engine operation `op` (a name in OPERATIONS, called with `args`; or, in-process only, a function
+        of the engine) on the loop thread before its next step; the future holds its value or exception."""
+        fn = _operation(op, args)
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
         if self.error is not None:
             fut.set_exception(EngineDead(self.error))
@@ -82,24 +96,32 @@ class EngineLoop:
         self._wake.set()
         return fut
 
-    async def acall(self, fn: Callable[[LLMEngine], T]) -> T:
-        return await asyncio.wrap_future(self.call(fn))
+    async def acall(self, op: str | Callable[[LLMEngine], T], *args: Any) -> T:
+        return await asyncio.wrap_future(self.call(op, *args))
 
-    async def astart(self, request_id: str, fn: Callable[[LLMEngine], T]) -> T:
-        """`acall` for a call that starts request `request_id` (adds or reserves it): if the awaiting task is
-        cancelled (the client went away), the call may still have run on the loop thread, so the request is
-        aborted (a no-op if it never started) and no blocks stay held."""
+    async def astart(self, request_id: str, sink: Callable[[RequestOutput], None], op: str, *args: Any) -> Any:
+        """Run `op(*args)`, which starts request `request_id` (adds or reserves it), and in the same call
+        subscribe `sink` to its outputs, so none is missed: on the asyncio loop given to `deliver_on` (one
+        hand-over per step for all requests), else on the loop thread (then it must be quick and thread-safe);
+        the sink is dropped after the finished output, or by `unsubscribe`. If the awaiting task is cancelled
+        (the client went away), the call may still have run, so the request is aborted (a no-op if it never
+        started) and no blocks stay held."""
+        fn = _operation(op, args)
+
+        def start(eng: LLMEngine) -> Any:
+            value = fn(eng)
+            self._sinks[request_id] = sink
+            return value
+
         try:
-            return await self.acall(fn)
+            return await self.acall(start)
         except asyncio.CancelledError:
-            self.call(lambda eng: eng.abort_request(request_id))
+            self.call("abort_request", request_id)
             raise
 
-    def subscribe(self, request_id: str, sink: Callable[[RequestOutput], None]) -> None:
-        """Deliver the request's outputs to `sink`: on the asyncio loop given to `deliver_on` (one hand-over per
-        step for all requests), else on the loop thread (then it must be quick and thread-safe). Call it from
-        inside `call` so no output is missed; the sink is dropped after the request's finished output."""
-        self._sinks[request_id] = sink
+    def unsubscribe(self, request_id: str) -> None:
+        """Deliver no more of the request's outputs (e.g. a start that reserved nothing)."""
+        self._sinks.pop(request_id, None)
 
     def deliver_on(self, aio_loop: asyncio.AbstractEventLoop) -> None:
         """Run sinks on this asyncio loop: a step's outputs cross threads in one `call_soon_threadsafe`, not one
@@ -124,7 +146,7 @@ class EngineLoop:
     def _snapshot(self) -> EngineStats:
         s = self.engine.scheduler
         return EngineStats(self.engine.num_blocks, self.engine.num_free_blocks, len(s.running), len(s.waiting),
-                           len(s.remote), self.engine.prefix_cache_hit_rate, self._steps)
+                           len(s.remote), self.engine.prefix_cache_hit_rate, self._steps, s.num_preemptions)
 
     def _run_calls(self) -> None:
         """Run every queued call, then register the reservations they made on the ranks in one batched call,
@@ -231,6 +253,14 @@ class EngineLoop:
                 return
             if fut.set_running_or_notify_cancel():
                 fut.set_exception(EngineDead(self.error or "engine stopped"))
+
+
+def _operation(op: str | Callable[[LLMEngine], T], args: tuple) -> Callable[[LLMEngine], T]:
+    if callable(op):
+        return op
+    if op not in OPERATIONS:
+        raise ValueError(f"{op!r} is not an engine operation (one of {sorted(OPERATIONS)})")
+    return lambda eng: getattr(eng, op)(*args)
 
 
 def _run_sinks(pairs: list[tuple[Callable[[RequestOutput], None], RequestOutput]]) -> None:

@@ -25,6 +25,7 @@ class RemoteReservation:
 
     block_ids: list[int]
     num_cached_blocks: int
+    free_blocks: int = 0  # the engine's free blocks once this reservation was made
 
     @property
     def missing_blocks(self) -> list[int]:

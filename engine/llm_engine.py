@@ -12,6 +12,7 @@ them. Outputs are per-step deltas (`RequestOutput`), whatever the requests' leng
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections import deque
@@ -135,7 +136,7 @@ class LLMEngine:
             error = self._register([expect]).get(request_id)
             if error is not None:
                 raise RuntimeError(f"could not register the transfer on every rank: {error}")
-        return reservation
+        return dataclasses.replace(reservation, free_blocks=self.num_free_blocks)
 
     def flush_expects(self) -> dict[str, str]:
         """Register every deferred reservation (`defer_expects`) on every rank in one call; the engine loop does

@@ -10,12 +10,13 @@ from typing import Any
 import grpc
 
 from engine.config import KVLayout
-from engine.engine_loop import EngineDead, EngineLoop
+from engine.engine_loop import EngineDead
 from engine.sampling_params import SamplingParams
 from protos import checks, codec
 from protos import worker_pb2 as wpb
 from protos import worker_pb2_grpc as wpb_grpc
 from worker_runtime.drain import Drain
+from worker_runtime.handle import EngineHandle
 from worker_runtime.health import load_fields
 from worker_runtime.rpc import Refusal, follow, refuse, start_request
 
@@ -27,10 +28,10 @@ CONNECT_POLL_S = 0.02
 
 
 class PrefillService(wpb_grpc.PrefillWorkerServicer):
-    def __init__(self, name: str, loop: EngineLoop, drain: Drain | None = None) -> None:
+    def __init__(self, name: str, loop: EngineHandle, drain: Drain | None = None) -> None:
         self.name, self.loop = name, loop
         self.drain = drain or Drain()  # once draining, new prompts are refused (UNAVAILABLE "... is draining")
-        cfg = loop.engine.config
+        cfg = loop.config
         self.vocab_size, self.max_model_len = cfg.model.vocab_size, cfg.scheduler.max_model_len
         self.tp = cfg.parallel.tensor_parallel_size
         self.connected: dict[str, int] = {}  # decode group -> its ranks, once a Connect to it succeeded
@@ -48,7 +49,7 @@ class PrefillService(wpb_grpc.PrefillWorkerServicer):
             # Not the caller's input alone: the pair may need (re-)wiring, so a router retries elsewhere.
             raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, f"prefill worker {self.name} has no KV channels to "
                           f"decode group {request.decode_group[:64]!r}: Connect first")
-        block_size = self.loop.engine.config.cache.block_size
+        block_size = self.loop.config.cache.block_size
         if request.skip_blocks and request.skip_blocks * block_size >= len(prompt):
             raise ValueError(f"skip_blocks {request.skip_blocks} leaves nothing of a {len(prompt)}-token prompt "
                              f"to send (blocks of {block_size} tokens)")
@@ -58,9 +59,7 @@ class PrefillService(wpb_grpc.PrefillWorkerServicer):
 
     async def Prefill(self, request: wpb.PrefillRequest, context: grpc.aio.ServicerContext) -> wpb.PrefillResult:
         who = f"prefill worker {self.name}"
-        started = await start_request(
-            context, who, self.loop, lambda: self._parse(request),
-            lambda eng, rid, a: eng.add_request(rid, a[0], a[1], transfer=a[2]))
+        started = await start_request(context, who, self.loop, lambda: self._parse(request), "add_request")
         async for batch in follow(self.loop, started):
             out = batch[-1]
         if out.finish_reason == "abort" or not out.token_ids:
@@ -84,7 +83,7 @@ class PrefillService(wpb_grpc.PrefillWorkerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if request.HasField("decode_layout"):
             theirs = KVLayout(**codec.layout_fields(request.decode_layout))
-            why = KVLayout.of(self.loop.engine.config).mismatch(theirs, f"prefill worker {self.name}",
+            why = KVLayout.of(self.loop.config).mismatch(theirs, f"prefill worker {self.name}",
                                                                 f"decode group {group}")
             if why is not None:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, why)
@@ -109,8 +108,7 @@ class PrefillService(wpb_grpc.PrefillWorkerServicer):
                        timeout_s: float) -> tuple[grpc.StatusCode, str] | None:
         """None once every rank installed the new channels; else (status, why)."""
         try:
-            await self.loop.acall(lambda eng: eng.call_extension("start_connect", group, tp, addresses, ticket,
-                                                                 timeout_s))
+            await self.loop.acall("call_extension", "start_connect", group, tp, addresses, ticket, timeout_s)
         except ValueError as e:
             return grpc.StatusCode.INVALID_ARGUMENT, str(e)
         except Exception as e:  # EngineDead, or a rank refused it
@@ -118,7 +116,7 @@ class PrefillService(wpb_grpc.PrefillWorkerServicer):
         deadline = time.monotonic() + timeout_s + 1.0  # the connect thread's own timeout ends it first
         try:
             while time.monotonic() < deadline:
-                states = await self.loop.acall(lambda eng: eng.call_extension("connect_state", ticket))
+                states = await self.loop.acall("call_extension", "connect_state", ticket)
                 errors = [s for s in states if s]
                 if errors:
                     return grpc.StatusCode.UNAVAILABLE, codec.one_line(errors[0])
@@ -129,7 +127,7 @@ class PrefillService(wpb_grpc.PrefillWorkerServicer):
         except EngineDead as e:
             return grpc.StatusCode.UNAVAILABLE, codec.one_line(e)
         finally:  # done, failed, timed out or the caller went away: a connect not installed is abandoned
-            self.loop.call(lambda eng: eng.call_extension("connect_state", ticket, True))
+            self.loop.call("call_extension", "connect_state", ticket, True)
 
     async def GetLoad(self, request: wpb.LoadRequest, context: grpc.aio.ServicerContext) -> wpb.WorkerLoad:
         return codec.load_message(load_fields(self.name, self.loop, self.drain.draining))

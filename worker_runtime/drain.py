@@ -19,8 +19,8 @@ from collections.abc import Callable
 
 import grpc
 
-from engine.engine_loop import EngineLoop
 from protos.codec import DRAINING
+from worker_runtime.handle import EngineHandle
 from worker_runtime.rpc import Refusal
 
 log = logging.getLogger("kvrelay.worker")
@@ -49,13 +49,13 @@ class Drain:
             raise Refusal(grpc.StatusCode.UNAVAILABLE, f"{who} {DRAINING}")
 
 
-def idle(loop: EngineLoop) -> bool:
+def idle(loop: EngineHandle) -> bool:
     """No request running, waiting or reserved (awaiting KV) on the engine, by its last published stats."""
     s = loop.stats
     return s.running == 0 and s.waiting == 0 and s.remote == 0
 
 
-def drain_in_background(name: str, drain: Drain, loop: EngineLoop, done: Callable[[], None]) -> threading.Thread:
+def drain_in_background(name: str, drain: Drain, loop: EngineHandle, done: Callable[[], None]) -> threading.Thread:
     """Start draining and, on a thread, wait until the engine is idle (after MIN_DRAIN_S), then call `done`
     (stop the worker, exit)."""
     drain.begin()

@@ -9,17 +9,16 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Generic, NoReturn, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar
 
 import grpc
 
-from engine.engine_loop import EngineDead, EngineLoop
-from engine.llm_engine import LLMEngine
+from engine.engine_loop import EngineDead
 from engine.outputs import RequestOutput
 from protos.codec import one_line
+from worker_runtime.handle import EngineHandle
 
 log = logging.getLogger("kvrelay.worker")
-A = TypeVar("A")
 R = TypeVar("R")
 
 
@@ -48,14 +47,17 @@ class Started(Generic[R]):
     outputs: asyncio.Queue[RequestOutput]
 
 
-async def start_request(context: grpc.aio.ServicerContext, who: str, loop: EngineLoop,
-                        parse: Callable[[], tuple[str, A]], start: Callable[[LLMEngine, str, A], R]) -> Started[R]:
+async def start_request(context: grpc.aio.ServicerContext, who: str, loop: EngineHandle,
+                        parse: Callable[[], tuple[str, tuple]], op: str,
+                        refusal: Callable[[Any], Refusal | None] | None = None) -> Started:
     """`parse()` checks the call and gives (request id, arguments): ValueError is INVALID_ARGUMENT, a Refusal
-    its own status; nothing reaches the engine before it passed. `start(engine, request id, arguments)` then
-    runs on the engine loop between steps and adds or reserves the request; its outputs are subscribed in the
-    same call, so none is missed. There ValueError is INVALID_ARGUMENT (the engine's own checks), a Refusal its
-    status, EngineDead and anything else UNAVAILABLE ("`who`: cause"; unexpected ones logged with their
-    traceback). A caller that goes away meanwhile leaves nothing behind: the request is aborted."""
+    its own status; nothing reaches the engine before it passed. Engine operation `op(request id, *arguments)`
+    then runs on the engine loop between steps and adds or reserves the request; its outputs are subscribed in
+    the same call, so none is missed. `refusal(value)`, if given, may turn what `op` returned into a Refusal
+    (e.g. RESOURCE_EXHAUSTED when it reserved nothing). There ValueError is INVALID_ARGUMENT (the engine's own
+    checks), a Refusal its status, EngineDead and anything else UNAVAILABLE ("`who`: cause"; unexpected ones
+    logged with their traceback). A caller that goes away meanwhile leaves nothing behind: the request is
+    aborted."""
     try:
         rid, args = parse()
     except Refusal as e:
@@ -63,14 +65,13 @@ async def start_request(context: grpc.aio.ServicerContext, who: str, loop: Engin
     except ValueError as e:
         await refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
     outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
-
-    def run(eng: LLMEngine) -> R:
-        value = start(eng, rid, args)
-        loop.subscribe(rid, outputs.put_nowait)  # delivered on this server's loop (deliver_on)
-        return value
-
     try:
-        value = await loop.astart(rid, run)
+        # delivered on this server's loop (deliver_on)
+        value = await loop.astart(rid, outputs.put_nowait, op, rid, *args)
+        refused = refusal(value) if refusal is not None else None
+        if refused is not None:
+            loop.unsubscribe(rid)
+            raise refused
     except Refusal as e:
         await refuse(context, e.code, e.message)
     except EngineDead as e:
@@ -83,7 +84,7 @@ async def start_request(context: grpc.aio.ServicerContext, who: str, loop: Engin
     return Started(rid, value, outputs)
 
 
-async def follow(loop: EngineLoop, started: Started) -> AsyncIterator[list[RequestOutput]]:
+async def follow(loop: EngineHandle, started: Started) -> AsyncIterator[list[RequestOutput]]:
     """The request's outputs until its finished one, in batches: everything that arrived while the caller
     handled the last batch (under load, fewer and larger messages; when idle, each step's output at once). If
     the caller stops early (the router cancelled: client gone, stop string, deadline), the request is aborted,
@@ -98,4 +99,4 @@ async def follow(loop: EngineLoop, started: Started) -> AsyncIterator[list[Reque
             yield batch
     finally:
         if not finished:
-            loop.call(lambda eng: eng.abort_request(started.request_id))
+            loop.call("abort_request", started.request_id)
