@@ -33,8 +33,10 @@ def test_serving_overhead_dry_run(tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     rep = json.loads(out.read_text())
-    s = rep["serving"]
-    assert s["completed"] == 12 and s["total_output_tokens"] == 12 * 6
-    assert rep["engine_output_tok_s"] > 0 and rep["serving_vs_engine"] == s["output_throughput"] / \
-        rep["engine_output_tok_s"]
+    (run,) = rep["runs"]
+    s, e = run["serving"], run["engine"]
+    assert run["concurrency"] == 3 and s["completed"] == 12 and s["total_output_tokens"] == 12 * 6
+    assert e["ttft_ms"]["count"] == 12 and e["tpot_ms"]["count"] == 12  # every measured request, once each
+    assert e["output_throughput"] > 0 and run["serving_vs_engine"] == s["output_throughput"] / e["output_throughput"]
+    assert run["ttft_p50_over_engine_ms"] == s["ttft_ms"]["p50"] - e["ttft_ms"]["p50"]
     assert "served/alone" in r.stdout
