@@ -8,9 +8,9 @@ from typing import Any
 
 import grpc
 
+from decode_workers.session import Session
 from engine.engine_loop import EngineDead
 from engine.kv_connector import RemoteReservation
-from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from protos import checks, codec
 from protos import worker_pb2 as wpb
@@ -18,7 +18,7 @@ from protos import worker_pb2_grpc as wpb_grpc
 from worker_runtime.drain import Drain
 from worker_runtime.handle import EngineHandle
 from worker_runtime.health import load_fields
-from worker_runtime.rpc import Refusal, Started, follow, start_request
+from worker_runtime.rpc import Refusal
 
 # Listen opens stores on free ports without waiting for the peer (the channels form on threads of their own), so
 # it is quick; past this the caller gets DEADLINE_EXCEEDED rather than waiting on a stuck engine.
@@ -30,12 +30,12 @@ MAX_PEERS = 64
 class DecodeService(wpb_grpc.DecodeGroupServicer):
     def __init__(self, name: str, loop: EngineHandle, drain: Drain | None = None) -> None:
         self.name, self.loop = name, loop
-        self.drain = drain or Drain()  # once draining, Decode and Generate are refused (UNAVAILABLE "... is draining")
+        self.drain = drain or Drain()  # once draining, new requests are refused (UNAVAILABLE "... is draining")
         cfg = loop.config
         self.vocab_size, self.max_model_len = cfg.model.vocab_size, cfg.scheduler.max_model_len
         self.peers: dict[str, int] = {}  # prefill worker -> its ranks, once a Listen for it succeeded
 
-    def _check(self, request: wpb.DecodeRequest | wpb.LocalRequest) -> tuple[str, tuple[list[int], SamplingParams]]:
+    def check(self, request: wpb.DecodeRequest | wpb.LocalRequest) -> tuple[str, tuple[list[int], SamplingParams]]:
         """(request id, (prompt, sampling parameters)) of a valid request; ValueError says what is wrong (a
         Refusal while draining)."""
         self.drain.check(f"decode group {self.name}")
@@ -45,11 +45,11 @@ class DecodeService(wpb_grpc.DecodeGroupServicer):
                                 output_offset=request.output_offset)  # a migrated request's noise continues
         return rid, (prompt, params)
 
-    def _check_decode(self, request: wpb.DecodeRequest) -> tuple[str, tuple[list[int], SamplingParams, str, int,
+    def check_decode(self, request: wpb.DecodeRequest) -> tuple[str, tuple[list[int], SamplingParams, str, int,
                                                                              float]]:
-        """`_check`, the transfer deadline, and the pair's wiring (FAILED_PRECONDITION: not the caller's input
+        """`check`, the transfer deadline, and the pair's wiring (FAILED_PRECONDITION: not the caller's input
         alone, the pair may need (re-)wiring, so a router tries elsewhere)."""
-        rid, (prompt, params) = self._check(request)
+        rid, (prompt, params) = self.check(request)
         timeout_s = checks.transfer_timeout(request.transfer_timeout_s)
         peer, peer_tp = request.prefill_worker, request.prefill_tensor_parallel_size
         if self.peers.get(peer) != peer_tp:
@@ -80,66 +80,35 @@ class DecodeService(wpb_grpc.DecodeGroupServicer):
             wpb.ChannelAddress(decode_rank=d, prefill_rank=p, host=host, port=port)
             for d, addrs in enumerate(per_rank) for p, (host, port) in sorted(addrs.items())])
 
-    async def Decode(self, request: wpb.DecodeRequest,
-                     context: grpc.aio.ServicerContext) -> AsyncIterator[wpb.DecodeEvent]:
-        def no_room(reservation: RemoteReservation | None) -> Refusal | None:
-            if reservation is not None:
-                return None
-            return Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode group {self.name} has no free KV blocks "
-                           f"or seats now ({self.loop.stats.free_blocks} blocks free)")
+    def no_room(self, reservation: RemoteReservation | None) -> Refusal | None:
+        """RESOURCE_EXHAUSTED for a reservation the engine could not make (try later or another group)."""
+        if reservation is not None:
+            return None
+        return Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode group {self.name} has no free KV blocks "
+                       f"or seats now ({self.loop.stats.free_blocks} blocks free)")
 
-        started = await start_request(context, f"decode group {self.name}", self.loop,
-                                      lambda: self._check_decode(request), "reserve_remote_prefill", no_room)
-        reservation = started.value
-        started.value = wpb.Reserved(num_blocks=len(reservation.block_ids), free_blocks=reservation.free_blocks,
-                                     num_cached_blocks=reservation.num_cached_blocks)
-        yield wpb.DecodeEvent(reserved=started.value)
-        async for ev in self._relay(started):
-            yield ev
-
-    async def Generate(self, request: wpb.LocalRequest,
-                       context: grpc.aio.ServicerContext) -> AsyncIterator[wpb.DecodeEvent]:
-        started = await start_request(context, f"decode group {self.name}", self.loop, lambda: self._check(request),
-                                      "add_request")
-        async for ev in self._relay(started):
-            yield ev
-
-    async def _relay(self, started: Started) -> AsyncIterator[wpb.DecodeEvent]:
-        """A request's outputs as events until it finishes: the outputs that arrived while the last message was
-        being sent go out as one (`follow` aborts the request if the call ends first)."""
-        async for batch in follow(self.loop, started):
-            out = batch[-1]
-            if any(o.new_token_ids for o in batch):
-                yield wpb.DecodeEvent(tokens=tokens_message(batch))
-            if out.finished:
-                yield wpb.DecodeEvent(finished=wpb.DecodeFinished(
-                    finish_reason=out.finish_reason or "abort", error=codec.one_line(out.error or ""),
-                    cached_prompt_tokens=out.num_cached_tokens))
-
-    async def SetFirstToken(self, request: wpb.FirstToken, context: grpc.aio.ServicerContext) -> wpb.Ack:
+    async def first_token(self, request: wpb.FirstToken) -> Refusal | None:
+        """Hand a reserved request its first token; the Refusal if that cannot be done (the reservation then
+        stays as it was)."""
         try:
             rid = checks.identifier(request.request_id, "request_id")
             await self.loop.acall("set_first_token", rid, request.token_id)
         except ValueError as e:  # an empty id, or a token outside the vocabulary (the engine's check)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            return Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except KeyError:
-            await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"decode group {self.name} has no reservation for request {rid!r}")
+            return Refusal(grpc.StatusCode.NOT_FOUND,
+                           f"decode group {self.name} has no reservation for request {rid[:64]!r}")
         except EngineDead as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"decode group {self.name}: {codec.one_line(e)}")
-        return wpb.Ack()
+            return Refusal(grpc.StatusCode.UNAVAILABLE, f"decode group {self.name}: {codec.one_line(str(e))}")
+        return None
+
+    async def Session(self, request_iterator: AsyncIterator[wpb.SessionCommands],
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[wpb.SessionEvents]:
+        async for events in Session(self, context).run(request_iterator):
+            yield events
 
     async def GetLoad(self, request: wpb.LoadRequest, context: grpc.aio.ServicerContext) -> wpb.WorkerLoad:
         return codec.load_message(load_fields(self.name, self.loop, self.drain.draining))
-
-
-def tokens_message(batch: list[RequestOutput]) -> wpb.DecodeTokens:
-    """The new tokens (and logprobs) of consecutive outputs of one request, as one message. The first token's
-    logprob is the prefill worker's, so the logprobs may be one short: they cover the last tokens."""
-    new = [t for o in batch for t in o.new_token_ids]
-    msg = wpb.DecodeTokens(start_index=batch[-1].num_output_tokens - len(new), token_ids=new)
-    msg.logprobs.extend(codec.logprob_message(lp.logprob, lp.top) for o in batch for lp in (o.new_logprobs or ()))
-    return msg
 
 
 def add_to_server(server: Any, service: DecodeService) -> None:

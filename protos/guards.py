@@ -48,6 +48,17 @@ def refusing_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, mess
         return grpc.unary_unary_rpc_method_handler(unary, **kw)
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(streaming, **kw)
+
+    def _streaming(self, handler: grpc.RpcMethodHandler, method: str, kw: dict) -> grpc.RpcMethodHandler:
+        inner = handler.stream_stream
+        if inner is None or not inspect.isasyncgenfunction(inner):
+            return handler  # kvrelay has none such: grpc's behaviour
+
+        async def streaming(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            async for item in inner(_noted(self, method, requests), context):
+                yield item
+
+        return grpc.stream_stream_rpc_method_handler(streaming, **kw)
     if handler.stream_unary is not None:
         return grpc.stream_unary_rpc_method_handler(unary, **kw)
     return grpc.stream_stream_rpc_method_handler(streaming, **kw)
@@ -105,8 +116,9 @@ def _guarded(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
 class ParseGuardInterceptor(grpc.aio.ServerInterceptor):
     """Gives every request-unary method a deserializer that cannot raise: undecodable bytes end the call with
     INVALID_ARGUMENT "request could not be parsed: ..." and one warning line, and `on_undecodable()` is called
-    (the router counts the refusal). (Request-streaming methods, of which kvrelay has none of its own, keep grpc's
-    behaviour.)"""
+    (the router counts the refusal). A request-streaming method written as an async generator (a decode group's
+    Session) gets the same deserializer: an undecodable message is logged the same way and reaches the service
+    as an `Undecodable`, which refuses that message only, so one bad message does not end the stream."""
 
     def __init__(self, on_undecodable: Callable[[], None] | None = None) -> None:
         self.on_undecodable = on_undecodable
@@ -114,11 +126,13 @@ class ParseGuardInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
                                 details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
-        if handler is None or handler.request_streaming:
+        if handler is None:
             return handler
         method = details.method
         kw = dict(request_deserializer=_guarded(handler.request_deserializer),
                   response_serializer=handler.response_serializer)
+        if handler.request_streaming:
+            return self._streaming(handler, method, kw)
 
         async def refuse(request: Undecodable, context: grpc.aio.ServicerContext) -> None:
             log.warning("%s: request could not be parsed (%s)", method, request.error)
@@ -154,6 +168,29 @@ class ParseGuardInterceptor(grpc.aio.ServerInterceptor):
                 yield item
 
         return grpc.unary_stream_rpc_method_handler(streaming, **kw)
+
+    def _streaming(self, handler: grpc.RpcMethodHandler, method: str, kw: dict) -> grpc.RpcMethodHandler:
+        inner = handler.stream_stream
+        if inner is None or not inspect.isasyncgenfunction(inner):
+            return handler  # kvrelay has none such: grpc's behaviour
+
+        async def streaming(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            async for item in inner(_noted(self, method, requests), context):
+                yield item
+
+        return grpc.stream_stream_rpc_method_handler(streaming, **kw)
+
+
+def _noted(self: ParseGuardInterceptor, method: str, requests: Any) -> Any:
+    async def noted() -> Any:
+        async for r in requests:
+            if isinstance(r, Undecodable):
+                log.warning("%s: a message could not be parsed (%s)", method, r.error)
+                if self.on_undecodable is not None:
+                    self.on_undecodable()
+            yield r
+
+    return noted()
 
 
 def server_interceptors(secret: str | None,

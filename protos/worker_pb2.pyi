@@ -117,16 +117,6 @@ class DecodeRequest(_message.Message):
     output_offset: int
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ..., prefill_worker: _Optional[str] = ..., prefill_tensor_parallel_size: _Optional[int] = ..., transfer_timeout_s: _Optional[float] = ..., output_offset: _Optional[int] = ...) -> None: ...
 
-class DecodeEvent(_message.Message):
-    __slots__ = ("reserved", "tokens", "finished")
-    RESERVED_FIELD_NUMBER: _ClassVar[int]
-    TOKENS_FIELD_NUMBER: _ClassVar[int]
-    FINISHED_FIELD_NUMBER: _ClassVar[int]
-    reserved: Reserved
-    tokens: DecodeTokens
-    finished: DecodeFinished
-    def __init__(self, reserved: _Optional[_Union[Reserved, _Mapping]] = ..., tokens: _Optional[_Union[DecodeTokens, _Mapping]] = ..., finished: _Optional[_Union[DecodeFinished, _Mapping]] = ...) -> None: ...
-
 class Reserved(_message.Message):
     __slots__ = ("num_blocks", "free_blocks", "num_cached_blocks")
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -177,9 +167,51 @@ class FirstToken(_message.Message):
     token_id: int
     def __init__(self, request_id: _Optional[str] = ..., token_id: _Optional[int] = ...) -> None: ...
 
-class Ack(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+class SessionCommands(_message.Message):
+    __slots__ = ("commands",)
+    COMMANDS_FIELD_NUMBER: _ClassVar[int]
+    commands: _containers.RepeatedCompositeFieldContainer[SessionCommand]
+    def __init__(self, commands: _Optional[_Iterable[_Union[SessionCommand, _Mapping]]] = ...) -> None: ...
+
+class SessionCommand(_message.Message):
+    __slots__ = ("decode", "generate", "first_token", "cancel")
+    DECODE_FIELD_NUMBER: _ClassVar[int]
+    GENERATE_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    decode: DecodeRequest
+    generate: LocalRequest
+    first_token: FirstToken
+    cancel: str
+    def __init__(self, decode: _Optional[_Union[DecodeRequest, _Mapping]] = ..., generate: _Optional[_Union[LocalRequest, _Mapping]] = ..., first_token: _Optional[_Union[FirstToken, _Mapping]] = ..., cancel: _Optional[str] = ...) -> None: ...
+
+class SessionEvents(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[SessionEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[SessionEvent, _Mapping]]] = ...) -> None: ...
+
+class SessionEvent(_message.Message):
+    __slots__ = ("request_id", "reserved", "tokens", "finished", "refused")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    reserved: Reserved
+    tokens: DecodeTokens
+    finished: DecodeFinished
+    refused: Refused
+    def __init__(self, request_id: _Optional[str] = ..., reserved: _Optional[_Union[Reserved, _Mapping]] = ..., tokens: _Optional[_Union[DecodeTokens, _Mapping]] = ..., finished: _Optional[_Union[DecodeFinished, _Mapping]] = ..., refused: _Optional[_Union[Refused, _Mapping]] = ...) -> None: ...
+
+class Refused(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    message: str
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
     __slots__ = ()

@@ -206,20 +206,10 @@ class DecodeGroupStub:
                 request_serializer=protos_dot_worker__pb2.ListenRequest.SerializeToString,
                 response_deserializer=protos_dot_worker__pb2.ListenReply.FromString,
                 _registered_method=True)
-        self.Decode = channel.unary_stream(
-                '/kvrelay.internal.v1.DecodeGroup/Decode',
-                request_serializer=protos_dot_worker__pb2.DecodeRequest.SerializeToString,
-                response_deserializer=protos_dot_worker__pb2.DecodeEvent.FromString,
-                _registered_method=True)
-        self.SetFirstToken = channel.unary_unary(
-                '/kvrelay.internal.v1.DecodeGroup/SetFirstToken',
-                request_serializer=protos_dot_worker__pb2.FirstToken.SerializeToString,
-                response_deserializer=protos_dot_worker__pb2.Ack.FromString,
-                _registered_method=True)
-        self.Generate = channel.unary_stream(
-                '/kvrelay.internal.v1.DecodeGroup/Generate',
-                request_serializer=protos_dot_worker__pb2.LocalRequest.SerializeToString,
-                response_deserializer=protos_dot_worker__pb2.DecodeEvent.FromString,
+        self.Session = channel.stream_stream(
+                '/kvrelay.internal.v1.DecodeGroup/Session',
+                request_serializer=protos_dot_worker__pb2.SessionCommands.SerializeToString,
+                response_deserializer=protos_dot_worker__pb2.SessionEvents.FromString,
                 _registered_method=True)
         self.GetLoad = channel.unary_unary(
                 '/kvrelay.internal.v1.DecodeGroup/GetLoad',
@@ -239,27 +229,15 @@ class DecodeGroupServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Decode(self, request, context):
-        """Reserve KV blocks for a prompt a prefill worker will send, then stream its tokens once the KV has landed.
-        The first message is `reserved`; then `tokens` (the first of which starts at index 0, the first token);
-        the last is `finished`. RESOURCE_EXHAUSTED when there are no free blocks or seats now (try later or another
-        group). Cancelling the call aborts the request and frees its blocks.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def SetFirstToken(self, request, context):
-        """The first token the prefill worker sampled; decoding starts once it and the KV are both there.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Generate(self, request, context):
-        """Run a whole request on this group, prefill included: the group as an aggregated (colocated) engine, for
-        deployments without prefill workers. Streams `tokens` (from index 0) then `finished`. The request waits in
-        the group's own queue when its KV does not fit now; cancelling the call aborts it.
+    def Session(self, request_iterator, context):
+        """One router's requests on this group, multiplexed: commands one way (reserve for a remote prefill, run a whole
+        request, the first token, cancel), and back one `SessionEvents` per engine step carrying every event its
+        requests produced in that step (and what piled up while the previous message was being sent). A reserved
+        request's events: `reserved`, then `tokens` (the first of which starts at index 0, the first token), then
+        `finished`; a whole request's: `tokens` then `finished`. A command that cannot be carried out ends only its
+        request, with `refused` (the status a call of its own would have ended with); the session goes on. When the
+        router's stream ends or breaks, every request of the session is aborted and its blocks freed. If the engine
+        dies, every request gets its abort `finished` and then the session ends with UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -280,20 +258,10 @@ def add_DecodeGroupServicer_to_server(servicer, server):
                     request_deserializer=protos_dot_worker__pb2.ListenRequest.FromString,
                     response_serializer=protos_dot_worker__pb2.ListenReply.SerializeToString,
             ),
-            'Decode': grpc.unary_stream_rpc_method_handler(
-                    servicer.Decode,
-                    request_deserializer=protos_dot_worker__pb2.DecodeRequest.FromString,
-                    response_serializer=protos_dot_worker__pb2.DecodeEvent.SerializeToString,
-            ),
-            'SetFirstToken': grpc.unary_unary_rpc_method_handler(
-                    servicer.SetFirstToken,
-                    request_deserializer=protos_dot_worker__pb2.FirstToken.FromString,
-                    response_serializer=protos_dot_worker__pb2.Ack.SerializeToString,
-            ),
-            'Generate': grpc.unary_stream_rpc_method_handler(
-                    servicer.Generate,
-                    request_deserializer=protos_dot_worker__pb2.LocalRequest.FromString,
-                    response_serializer=protos_dot_worker__pb2.DecodeEvent.SerializeToString,
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=protos_dot_worker__pb2.SessionCommands.FromString,
+                    response_serializer=protos_dot_worker__pb2.SessionEvents.SerializeToString,
             ),
             'GetLoad': grpc.unary_unary_rpc_method_handler(
                     servicer.GetLoad,
@@ -340,7 +308,7 @@ class DecodeGroup:
             _registered_method=True)
 
     @staticmethod
-    def Decode(request,
+    def Session(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -350,66 +318,12 @@ class DecodeGroup:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
+        return grpc.experimental.stream_stream(
+            request_iterator,
             target,
-            '/kvrelay.internal.v1.DecodeGroup/Decode',
-            protos_dot_worker__pb2.DecodeRequest.SerializeToString,
-            protos_dot_worker__pb2.DecodeEvent.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def SetFirstToken(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/kvrelay.internal.v1.DecodeGroup/SetFirstToken',
-            protos_dot_worker__pb2.FirstToken.SerializeToString,
-            protos_dot_worker__pb2.Ack.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Generate(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/kvrelay.internal.v1.DecodeGroup/Generate',
-            protos_dot_worker__pb2.LocalRequest.SerializeToString,
-            protos_dot_worker__pb2.DecodeEvent.FromString,
+            '/kvrelay.internal.v1.DecodeGroup/Session',
+            protos_dot_worker__pb2.SessionCommands.SerializeToString,
+            protos_dot_worker__pb2.SessionEvents.FromString,
             options,
             channel_credentials,
             insecure,

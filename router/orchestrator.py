@@ -32,13 +32,7 @@ from router.placement import Placement, Placer
 from router.policy import RoutingPolicy
 from router.prefix_index import block_hashes
 from router.requests import RequestSpec
-from router.worker_api import (
-    DecodeClient,
-    Finished,
-    PrefillClient,
-    PrefillOutcome,
-    WorkerError,
-)
+from router.worker_api import DecodeClient, PrefillClient, PrefillOutcome, WorkerError
 from router.workers import Worker, WorkerPool
 
 log = logging.getLogger("kvrelay.router")
@@ -169,22 +163,19 @@ class Orchestrator:
                       out: ClientStream) -> AsyncIterator[Chunk]:
         """One placement's tokens: the prefill worker's first, then the decode group's. `spec` may be a migrated
         request's continuation: its outputs are numbered from `output_offset` in the client's stream."""
-        rid, d = placement.request_id, placement.decode
+        d = placement.decode
         try:
             if out.add(outcome.first_token, outcome.logprob):  # a stop string already: nothing to decode
                 if (c := out.chunk()) is not None:
                     yield c
                 return
-            assert isinstance(d.client, DecodeClient)
-            # The first token goes to the client and to the decode group at once: its RPC must not delay TTFT.
-            first_set = asyncio.ensure_future(d.client.set_first_token(rid, outcome.first_token))
+            # The first token goes to the client and to the decode group at once: a command on the group's
+            # session, not a call to wait for. If the group cannot take it (the reservation timed out, say), the
+            # request's stream says so (its abort, or the refusal) and the request migrates.
+            placement.stream.set_first_token(outcome.first_token)
             try:
                 if (c := out.chunk()) is not None:
                     yield c
-                try:
-                    await first_set
-                except WorkerError as e:
-                    raise RequestError(UNAVAILABLE, await _lost_reason(placement, e)) from None
                 async for c in relay(placement.events, d.name, out, spec.params.output_offset):
                     yield c
                 if out.landed_ms:
@@ -195,8 +186,6 @@ class Orchestrator:
                 if not out.landed_ms:  # the decode group gave up before the KV landed: the transfer failed
                     self.metrics.transfer_failed()
                 raise
-            finally:
-                first_set.cancel()
         finally:
             placement.stream.cancel()  # no-op once finished; otherwise the decode group frees the blocks now
             d.view.inflight -= 1
@@ -304,14 +293,3 @@ class Orchestrator:
             p.view.inflight_tokens -= len(spec.prompt_ids)
             self.room.notify()  # its queue has room again
 
-
-async def _lost_reason(placement: Placement, e: WorkerError) -> str:
-    """Why the decode group no longer had the request when its first token came: its stream says (e.g. the
-    transfer deadline passed); fall back to the SetFirstToken error."""
-    try:
-        ev = await asyncio.wait_for(placement.events.__anext__(), 2.0)
-        if isinstance(ev, Finished) and ev.error:
-            return f"decode group {placement.decode.name} dropped the request: {ev.error}"
-    except (asyncio.TimeoutError, StopAsyncIteration, WorkerError):
-        pass
-    return f"decode group {placement.decode.name} lost the request: {e.details}"

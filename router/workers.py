@@ -59,8 +59,8 @@ class WorkerPool:
         names = [w.name for w in prefill + decode]
         if len(set(names)) != len(names):
             raise ValueError(f"worker names must be unique, got {names}")
-        self.prefill = [Worker(s, PrefillClient(s.address, secret), WorkerView(s.name)) for s in prefill]
-        self.decode = [Worker(s, DecodeClient(s.address, secret), WorkerView(s.name)) for s in decode]
+        self.prefill = [Worker(s, PrefillClient(s.address, secret, s.name), WorkerView(s.name)) for s in prefill]
+        self.decode = [Worker(s, DecodeClient(s.address, secret, s.name), WorkerView(s.name)) for s in decode]
         self.poll_interval_s = poll_interval_s
         self._secret = secret  # for the clients of restarted workers; never logged
         # Supervised: a deployment restarts lost workers (deploy.supervisor), so an unhealthy worker is expected
@@ -123,7 +123,7 @@ class WorkerPool:
         old = w.client
         w.restarting = False
         w.spec = dataclasses.replace(w.spec, address=address)
-        w.client = type(old)(address, self._secret)
+        w.client = type(old)(address, self._secret, name)
         w.wired.clear()
         for p in self.prefill:
             p.wired.discard(name)

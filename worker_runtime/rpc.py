@@ -1,7 +1,8 @@
 """The one way a worker RPC starts a request on its engine: check the call, start it between two steps, follow
 its outputs, and turn whatever goes wrong into a gRPC status with a one-line message (a traceback goes to the
-log, never to the caller). Prefill, Decode and Generate all start here, so a failure of the same kind gets the
-same status on every worker."""
+log, never to the caller). Prefill (a call per request) and a decode group's session commands (many requests on
+one stream, `decode_workers.session`) all start here, so a failure of the same kind gets the same status on every
+worker."""
 
 from __future__ import annotations
 
@@ -47,40 +48,52 @@ class Started(Generic[R]):
     outputs: asyncio.Queue[RequestOutput]
 
 
-async def start_request(context: grpc.aio.ServicerContext, who: str, loop: EngineHandle,
-                        parse: Callable[[], tuple[str, tuple]], op: str,
-                        refusal: Callable[[Any], Refusal | None] | None = None) -> Started:
-    """`parse()` checks the call and gives (request id, arguments): ValueError is INVALID_ARGUMENT, a Refusal
-    its own status; nothing reaches the engine before it passed. Engine operation `op(request id, *arguments)`
-    then runs on the engine loop between steps and adds or reserves the request; its outputs are subscribed in
-    the same call, so none is missed. `refusal(value)`, if given, may turn what `op` returned into a Refusal
-    (e.g. RESOURCE_EXHAUSTED when it reserved nothing). There ValueError is INVALID_ARGUMENT (the engine's own
-    checks), a Refusal its status, EngineDead and anything else UNAVAILABLE ("`who`: cause"; unexpected ones
-    logged with their traceback). A caller that goes away meanwhile leaves nothing behind: the request is
-    aborted."""
+async def start(who: str, loop: EngineHandle, parse: Callable[[], tuple[str, tuple]], op: str,
+                sink: Callable[[RequestOutput], None],
+                refusal: Callable[[Any], Refusal | None] | None = None) -> tuple[str, Any] | Refusal:
+    """(request id, what `op` returned) of a started request, or the Refusal that says why it did not start
+    (nothing of it is left on the engine then). `parse()` checks the call and gives (request id, arguments):
+    ValueError is INVALID_ARGUMENT, a Refusal its own status; nothing reaches the engine before it passed.
+    Engine operation `op(request id, *arguments)` then runs on the engine loop between steps and adds or
+    reserves the request; `sink` is subscribed to its outputs in the same call, so none is missed. `refusal(value)`,
+    if given, may turn what `op` returned into a Refusal (e.g. RESOURCE_EXHAUSTED when it reserved nothing).
+    There ValueError is INVALID_ARGUMENT (the engine's own checks), a Refusal its status, EngineDead and anything
+    else UNAVAILABLE ("`who`: cause"; unexpected ones logged with their traceback). A caller cancelled meanwhile
+    leaves nothing behind: the request is aborted."""
     try:
         rid, args = parse()
     except Refusal as e:
-        await refuse(context, e.code, e.message)
+        return e
     except ValueError as e:
-        await refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-    outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        return Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(e))
     try:
-        # delivered on this server's loop (deliver_on)
-        value = await loop.astart(rid, outputs.put_nowait, op, rid, *args)
+        value = await loop.astart(rid, sink, op, rid, *args)
         refused = refusal(value) if refusal is not None else None
         if refused is not None:
             loop.unsubscribe(rid)
-            raise refused
+            return refused
     except Refusal as e:
-        await refuse(context, e.code, e.message)
+        return e
     except EngineDead as e:
-        await refuse(context, grpc.StatusCode.UNAVAILABLE, f"{who}: {e}")
+        return Refusal(grpc.StatusCode.UNAVAILABLE, f"{who}: {e}")
     except ValueError as e:
-        await refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(e))
     except Exception as e:  # e.g. a rank could not register the transfer: the worker's fault, not the caller's
         log.exception("%s: starting request %s failed", who, rid)
-        await refuse(context, grpc.StatusCode.UNAVAILABLE, f"{who}: {type(e).__name__}: {e}")
+        return Refusal(grpc.StatusCode.UNAVAILABLE, f"{who}: {type(e).__name__}: {e}")
+    return rid, value
+
+
+async def start_request(context: grpc.aio.ServicerContext, who: str, loop: EngineHandle,
+                        parse: Callable[[], tuple[str, tuple]], op: str,
+                        refusal: Callable[[Any], Refusal | None] | None = None) -> Started:
+    """`start` for a call of its own (one request per call): a Refusal ends the call with its status; the
+    outputs arrive on the returned queue (delivered on this server's loop, `deliver_on`)."""
+    outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+    started = await start(who, loop, parse, op, outputs.put_nowait, refusal)
+    if isinstance(started, Refusal):
+        await refuse(context, started.code, started.message)
+    rid, value = started
     return Started(rid, value, outputs)
 
 

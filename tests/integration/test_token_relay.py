@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from decode_workers.service import tokens_message
+from decode_workers.session import tokens_message
 from engine.outputs import Logprob, RequestOutput
 from engine.sampling_params import SamplingParams
 from protos import codec
