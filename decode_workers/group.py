@@ -9,12 +9,10 @@ import threading
 
 from decode_workers.service import DecodeService, add_to_server
 from engine.config import EngineConfig
-from engine.engine_loop import EngineLoop
-from engine.executor import Executor, GroupLeaderExecutor
-from engine.llm_engine import LLMEngine
 from engine.worker import TPWorker, run_follower
 from kv_transfer.wire import with_staging
 from worker_runtime.drain import Drain
+from worker_runtime.engine_core import start_engine
 from worker_runtime.server_thread import AsyncServerThread
 
 KV_CONNECTOR = "kv_transfer.connector:KVConnector"
@@ -37,15 +35,14 @@ class DecodeLeader:
                  port: int = 0) -> None:
         self.name = name
         config = group_config(config)
-        executor: Executor | None = None
         if config.parallel.tensor_parallel_size > 1:
             if init_method is None:
                 raise ValueError("a decode group of several ranks needs the init_method its followers join")
-            executor = GroupLeaderExecutor(TPWorker(config, 0, init_method, device))
         elif device is not None:
             config = dataclasses.replace(config, device=device)
-        self.engine = LLMEngine(config, executor)
-        self.loop = EngineLoop(self.engine, name)
+        # The engine, in its core process (rank 0's TPWorker there) unless RuntimeConfig.engine_process is off.
+        self.loop = start_engine(name, config, init_method, device)
+        self.engine = getattr(self.loop, "engine", None)  # the LLMEngine itself only in-process (tests poke it)
         self.drain = Drain()  # scaling down (worker_runtime.drain): set by its actor
         service = DecodeService(name, self.loop, self.drain)
         self.server = AsyncServerThread(lambda s: add_to_server(s, service), secret, bind_host, port, name)

@@ -59,6 +59,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     p.add_argument("--no-decode-kernel", action="store_true", help="portable torch decode attention on CUDA")
     p.add_argument("--no-fused-ops", action="store_true", help="no fused Triton norm/rotary/SiLU kernels on CUDA")
+    p.add_argument("--no-engine-process", action="store_true",
+                   help="run each worker's engine on a thread of its service's process, not a process of its own")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -74,7 +76,7 @@ def _serve(args: argparse.Namespace) -> int:
         if args.no_prefix_caching:
             kwargs["enable_prefix_caching"] = False
         for flag, key, value in (("enforce_eager", "enforce_eager", True), ("no_decode_kernel", "decode_kernel", False),
-                                 ("no_fused_ops", "fused_ops", False)):
+                                 ("no_fused_ops", "fused_ops", False), ("no_engine_process", "engine_process", False)):
             if getattr(args, flag):
                 kwargs[key] = value
         if "api_key" not in kwargs and "api_key_file" not in kwargs and os.environ.get("KVRELAY_API_KEY"):

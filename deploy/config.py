@@ -49,6 +49,7 @@ class ServeConfig:
     async_scheduling: str = "auto"  # auto (on with CUDA) | on | off
     decode_kernel: bool = True  # Triton paged-attention decode on CUDA
     fused_ops: bool = True  # fused Triton norm/rotary/SiLU on CUDA
+    engine_process: bool = True  # each worker's engine in a process of its own (off: a thread of the service's)
     # The public API's front door beyond gRPC (issue 10): OpenAI-compatible HTTP, API key, TLS, chat.
     http_port: int | None = None  # None: gRPC only
     api_key: str | None = field(default=None, repr=False)  # or api_key_file, or $KVRELAY_API_KEY (deploy.cli)
@@ -86,7 +87,7 @@ class ServeConfig:
     def runtime_config(self) -> RuntimeConfig:
         mode = {"auto": None, "on": True, "off": False}[self.async_scheduling]
         return RuntimeConfig(enforce_eager=self.enforce_eager, decode_kernel=self.decode_kernel,
-                             fused_ops=self.fused_ops, async_scheduling=mode)
+                             fused_ops=self.fused_ops, async_scheduling=mode, engine_process=self.engine_process)
 
     def router_config(self) -> RouterConfig:
         return RouterConfig(host=self.host, port=self.port, max_queued_requests=self.max_queued_requests,

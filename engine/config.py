@@ -166,6 +166,9 @@ class RuntimeConfig:
     decode_kernel: bool = True  # Triton paged-attention decode on CUDA (off: the portable torch path)
     fused_ops: bool = True  # fused Triton norm / rotary / SiLU kernels on CUDA
     async_scheduling: bool | None = None  # None: on with CUDA, off on CPU
+    # A worker's engine runs in a process of its own (worker_runtime.engine_core), apart from its gRPC service:
+    # the two no longer share one GIL. Off: the engine loop is a thread of the service's process.
+    engine_process: bool = True
 
     def resolved(self, device: str) -> RuntimeConfig:
         """This config with the KVRELAY_* overrides applied and `async_scheduling` decided for `device`."""
@@ -183,6 +186,7 @@ ENV_OVERRIDES = {
     "decode_kernel": "KVRELAY_DECODE_KERNEL",
     "fused_ops": "KVRELAY_FUSED_OPS",
     "async_scheduling": "KVRELAY_ASYNC_SCHEDULING",
+    "engine_process": "KVRELAY_ENGINE_PROCESS",
 }
 
 

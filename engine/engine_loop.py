@@ -62,9 +62,17 @@ OPERATIONS = frozenset({"add_request", "reserve_remote_prefill", "set_first_toke
                         "call_extension"})
 
 
+StepHook = Callable[[list[RequestOutput], EngineStats], None]
+
+
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, name: str = "engine") -> None:
+    """`on_step`, if given, gets every step's whole output list and the stats after it, on the loop thread (the
+    engine core process forwards both in one message); `on_death` gets the error when the loop dies."""
+
+    def __init__(self, engine: LLMEngine, name: str = "engine", on_step: StepHook | None = None,
+                 on_death: Callable[[str], None] | None = None) -> None:
         self.engine = engine
+        self._on_step, self._on_death = on_step, on_death
         engine.defer_expects = True  # reservations between two steps: one registration call for all of them
         self._calls: queue.SimpleQueue[tuple[Callable[[LLMEngine], Any], concurrent.futures.Future]] = \
             queue.SimpleQueue()
@@ -131,9 +139,9 @@ class EngineLoop:
     def _deliver(self, pairs: list[tuple[Callable[[RequestOutput], None], RequestOutput]]) -> None:
         if pairs:
             if self._aio is not None:
-                self._aio.call_soon_threadsafe(_run_sinks, pairs)
+                self._aio.call_soon_threadsafe(run_sinks, pairs)
             else:
-                _run_sinks(pairs)
+                run_sinks(pairs)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop stepping and shut the engine down (its tensor-parallel ranks too)."""
@@ -216,6 +224,8 @@ class EngineLoop:
             self._steps += 1
             self._dispatch(outputs)
             self.stats = self._snapshot()
+            if self._on_step is not None:
+                self._on_step(outputs, self.stats)
             s = eng.scheduler
             if not (s.running or s.waiting) and not outputs:
                 # Only KV transfers in flight: nothing to compute, so wait for a call or the next poll.
@@ -238,6 +248,8 @@ class EngineLoop:
         self.error = f"engine failed:\n{tb}"
         log.error(self.error)
         self._end_all(self.error)
+        if self._on_death is not None:
+            self._on_death(self.error)
 
     def _end_all(self, error: str) -> None:
         """End every subscribed request with an "abort" output carrying `error`."""
@@ -263,7 +275,7 @@ def _operation(op: str | Callable[[LLMEngine], T], args: tuple) -> Callable[[LLM
     return lambda eng: getattr(eng, op)(*args)
 
 
-def _run_sinks(pairs: list[tuple[Callable[[RequestOutput], None], RequestOutput]]) -> None:
+def run_sinks(pairs: list[tuple[Callable[[RequestOutput], None], RequestOutput]]) -> None:
     for sink, out in pairs:
         try:
             sink(out)

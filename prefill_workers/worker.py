@@ -1,16 +1,15 @@
-"""A prefill worker in one process: its engine (with the KV connector as worker extension), the engine loop, and
-its gRPC server. Ray-free, so tests and single-machine tools can run one directly."""
+"""A prefill worker: its engine (with the KV connector as worker extension; in an engine core process of its own,
+or on a thread here), and its gRPC server. Ray-free, so tests and single-machine tools can run one directly."""
 
 from __future__ import annotations
 
 import dataclasses
 
 from engine.config import EngineConfig
-from engine.engine_loop import EngineLoop
-from engine.llm_engine import LLMEngine
 from kv_transfer.wire import with_staging
 from prefill_workers.service import PrefillService, add_to_server
 from worker_runtime.drain import Drain
+from worker_runtime.engine_core import start_engine
 from worker_runtime.server_thread import AsyncServerThread
 
 KV_CONNECTOR = "kv_transfer.connector:KVConnector"
@@ -25,8 +24,9 @@ class PrefillWorker:
         self.name = name
         config = dataclasses.replace(config, worker_extension=KV_CONNECTOR, detokenize=False,
                                      cache=with_staging(config))
-        self.engine = LLMEngine(config)
-        self.loop = EngineLoop(self.engine, name)
+        # The engine, in its core process unless RuntimeConfig.engine_process is off.
+        self.loop = start_engine(name, config)
+        self.engine = getattr(self.loop, "engine", None)  # the LLMEngine itself only in-process (tests poke it)
         self.drain = Drain()  # scaling down (worker_runtime.drain): set by its actor
         service = PrefillService(name, self.loop, self.drain)
         self.server = AsyncServerThread(lambda s: add_to_server(s, service), secret, bind_host, port, name)
