@@ -1,7 +1,9 @@
 """The internal API is not an attack surface (in one process, no Ray): calls without the deployment's secret get
 UNAUTHENTICATED and change nothing; a Connect to a dead address fails only itself while prefills go on; bad
 fields get INVALID_ARGUMENT saying what to fix; undecodable bytes get INVALID_ARGUMENT with one log line, on the
-internal and the public API; after 1,000 fuzzed internal requests the system still gives LLM's greedy tokens."""
+internal and the public API; after 1,000 fuzzed internal requests the system still gives LLM's greedy tokens. A
+decode group's requests are commands on its Session: each is validated the same way, and a bad one refuses only
+its request (the session goes on)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import time
 import grpc
 import pytest
 from local_system import start_local
+from session_probe import SESSION, SessionProbe, refused
 
 from engine import LLM, SamplingParams
 from protos import generation_pb2 as pb
@@ -24,7 +27,7 @@ GREEDY = dict(max_tokens=10, temperature=0.0, ignore_eos=True)
 PROMPTS = [[11, 12, 13, 14] * 4, [21, 22, 23] * 5]
 P, D = "/kvrelay.internal.v1.PrefillWorker/", "/kvrelay.internal.v1.DecodeGroup/"
 GENERATE = "/kvrelay.v1.Generation/Generate"
-STREAMING = {D + "Decode", D + "Generate", GENERATE}
+STREAMING = {GENERATE}
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +50,12 @@ def call(target: str, method: str, body: bytes, metadata=(), timeout: float = 5.
     """(status name, details) of one call with raw request bytes; a stream is read to its end."""
     with grpc.insecure_channel(target) as ch:
         try:
-            if method in STREAMING:
+            if method == SESSION:  # one message of commands; the group ends the session once ours ended
+                for _ in ch.stream_stream(method, request_serializer=lambda b: b,
+                                          response_deserializer=lambda b: b)(iter([body]), metadata=metadata,
+                                                                              timeout=timeout):
+                    pass
+            elif method in STREAMING:
                 it = ch.unary_stream(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)(
                     body, metadata=metadata, timeout=timeout)
                 for _ in it:
@@ -67,10 +75,19 @@ def assert_serving(system, refs) -> None:
     assert system.prefill[0].loop.error is None and system.decode.loop.error is None
 
 
-def decode_request(system, **kw) -> wpb.DecodeRequest:
+def decode_request(system, **kw) -> wpb.SessionCommand:
     base = dict(request_id="probe", prompt_token_ids=[5, 6, 7], prefill_worker="p0", prefill_tensor_parallel_size=1,
                 sampling=pb.SamplingParams(max_tokens=4, temperature=0.0))
-    return wpb.DecodeRequest(**{**base, **kw})
+    return wpb.SessionCommand(decode=wpb.DecodeRequest(**{**base, **kw}))
+
+
+def first_token(rid: str, token: int) -> wpb.SessionCommand:
+    return wpb.SessionCommand(first_token=wpb.FirstToken(request_id=rid, token_id=token))
+
+
+def request_id(cmd: wpb.SessionCommand) -> str:
+    kind = cmd.WhichOneof("kind")
+    return cmd.cancel if kind == "cancel" else getattr(cmd, kind).request_id
 
 
 def test_calls_without_the_secret_are_unauthenticated_and_change_nothing(system, refs):
@@ -79,8 +96,7 @@ def test_calls_without_the_secret_are_unauthenticated_and_change_nothing(system,
     calls = [(P + "Prefill", wpb.PrefillRequest(request_id="x", prompt_token_ids=[5, 6])),
              (P + "Connect", dead), (P + "GetLoad", wpb.LoadRequest()),
              (D + "Listen", wpb.ListenRequest(prefill_worker="p0", prefill_tensor_parallel_size=1)),
-             (D + "Decode", decode_request(system)), (D + "SetFirstToken", wpb.FirstToken(request_id="x", token_id=1)),
-             (D + "Generate", wpb.LocalRequest(request_id="x", prompt_token_ids=[5, 6])),
+             (SESSION, wpb.SessionCommands(commands=[decode_request(system), first_token("x", 1)])),
              (D + "GetLoad", wpb.LoadRequest())]
     for metadata, says in (((), "calls need the deployment's secret"),
                            (secret_metadata("not-the-secret"), "is not this deployment's secret")):
@@ -144,19 +160,28 @@ def bad_requests(system) -> list[tuple[str, object, str, str]]:
          "prefill_tensor_parallel_size must be in [1, 64], got 100"),
         (D + "Listen", wpb.ListenRequest(prefill_tensor_parallel_size=1), "INVALID_ARGUMENT",
          "prefill_worker is empty"),
-        (D + "Decode", decode_request(system, transfer_timeout_s=float("inf")), "INVALID_ARGUMENT",
+    ]
+
+
+def bad_commands(system) -> list[tuple[wpb.SessionCommand, str, str]]:
+    """Session commands each refused with (status, message), as a call of their own would have ended."""
+    return [
+        (decode_request(system, request_id="t1", transfer_timeout_s=float("inf")), "INVALID_ARGUMENT",
          "transfer_timeout_s must be in (0, 3600]"),
-        (D + "Decode", decode_request(system, transfer_timeout_s=-1.0), "INVALID_ARGUMENT", "transfer_timeout_s"),
-        (D + "Decode", decode_request(system, prompt_token_ids=[4_000_000_000]), "INVALID_ARGUMENT",
+        (decode_request(system, request_id="t2", transfer_timeout_s=-1.0), "INVALID_ARGUMENT", "transfer_timeout_s"),
+        (decode_request(system, request_id="v", prompt_token_ids=[4_000_000_000]), "INVALID_ARGUMENT",
          "outside the vocabulary"),
-        (D + "Decode", decode_request(system, request_id="\x00bad"), "INVALID_ARGUMENT", "printable"),
-        (D + "Decode", decode_request(system, prefill_worker="ghost"), "FAILED_PRECONDITION",
+        (decode_request(system, request_id="\x00bad"), "INVALID_ARGUMENT", "printable"),
+        (decode_request(system, request_id="", prompt_token_ids=[5]), "INVALID_ARGUMENT", "request_id is empty"),
+        (decode_request(system, request_id="g", prefill_worker="ghost"), "FAILED_PRECONDITION",
          "no KV channels from prefill worker 'ghost'"),
-        (D + "SetFirstToken", wpb.FirstToken(request_id="nobody", token_id=4_000_000_000), "INVALID_ARGUMENT",
+        (first_token("nobody", 4_000_000_000), "INVALID_ARGUMENT",
          "first token id 4000000000 is outside the vocabulary"),
-        (D + "SetFirstToken", wpb.FirstToken(request_id="nobody", token_id=3), "NOT_FOUND", "no reservation"),
-        (D + "Generate", wpb.LocalRequest(request_id="g", prompt_token_ids=[5], sampling=pb.SamplingParams(
-            temperature=-1.0)), "INVALID_ARGUMENT", "temperature must be"),
+        (first_token("nobody", 3), "NOT_FOUND", "no reservation"),
+        (wpb.SessionCommand(generate=wpb.LocalRequest(request_id="g", prompt_token_ids=[5], sampling=pb.SamplingParams(
+            temperature=-1.0))), "INVALID_ARGUMENT", "temperature must be"),
+        (wpb.SessionCommand(generate=wpb.LocalRequest(request_id="long", prompt_token_ids=[5] * 300)),
+         "INVALID_ARGUMENT", "at most 255 fit"),
     ]
 
 
@@ -164,21 +189,33 @@ def test_every_field_is_validated(system, refs):
     for method, msg, code, message in bad_requests(system):
         got, details = call(address(system, method), method, msg.SerializeToString(), system.metadata)
         assert got == code and message in details, (method, msg, got, details)
+    # Every bad command on one session: each refuses its own request, and the session serves on.
+    session = SessionProbe(system.decode.address, system.metadata)
+    for cmd, code, message in bad_commands(system):
+        session.send(cmd)
+        got, details = refused(session.wait(request_id(cmd)))
+        assert got == code and message in details and "\n" not in details, (cmd, got, details)
+        session.events.clear()
+    session.send(wpb.SessionCommand(generate=wpb.LocalRequest(request_id="after", prompt_token_ids=PROMPTS[0],
+                                                              sampling=pb.SamplingParams(**GREEDY))))
+    assert session.wait("after").finished.finish_reason == "length" and session.tokens("after") == refs[0]
+    assert not session.ended.is_set()
+    session.close()
+    assert session.error is None  # ended by us, not refused
     assert_serving(system, refs)
 
 
 def test_set_first_token_outside_the_vocabulary_keeps_the_reservation(system, refs):
-    with grpc.insecure_channel(system.decode.address) as ch:
-        stream = ch.unary_stream(D + "Decode", request_serializer=wpb.DecodeRequest.SerializeToString,
-                                 response_deserializer=wpb.DecodeEvent.FromString)(
-            decode_request(system, request_id="held"), metadata=system.metadata, timeout=20)
-        assert next(stream).WhichOneof("kind") == "reserved"
-        code, details = call(system.decode.address, D + "SetFirstToken",
-                             wpb.FirstToken(request_id="held", token_id=4_000_000_000).SerializeToString(),
-                             system.metadata)
-        assert code == "INVALID_ARGUMENT" and "outside the vocabulary [0, 384)" in details, details
-        assert system.decode.loop.stats.remote == 1  # still reserved, awaiting its KV
-        stream.cancel()
+    session = SessionProbe(system.decode.address, system.metadata)
+    session.send(decode_request(system, request_id="held"))
+    session.wait("held", ("reserved",))
+    session.send(first_token("held", 4_000_000_000))
+    code, details = refused(session.wait("held", ("refused",)))
+    assert code == "INVALID_ARGUMENT" and "outside the vocabulary [0, 384)" in details, details
+    assert system.decode.loop.stats.remote == 1  # still reserved, awaiting its KV
+    session.send(wpb.SessionCommand(cancel="held"))
+    system.wait_free()
+    session.close()
     assert_serving(system, refs)
 
 
@@ -189,8 +226,7 @@ def undecodable_bodies() -> list[bytes]:
             b"\x22\x02\xc3\x28"]  # field 4: request_id of Generate, decode_group of Prefill: invalid UTF-8
 
 
-@pytest.mark.parametrize("method", [GENERATE, P + "Prefill", P + "Connect", D + "Listen", D + "Decode",
-                                    D + "SetFirstToken", D + "Generate"])
+@pytest.mark.parametrize("method", [GENERATE, P + "Prefill", P + "Connect", D + "Listen"])
 def test_undecodable_requests_are_invalid_argument_with_one_log_line(system, refs, method, caplog):
     target = system.target if method == GENERATE else address(system, method)
     metadata = () if method == GENERATE else system.metadata
@@ -210,10 +246,43 @@ def test_undecodable_requests_are_invalid_argument_with_one_log_line(system, ref
     assert_serving(system, refs)
 
 
+def session_probe(session: SessionProbe, body: bytes, n: int) -> tuple[str, str]:
+    """(status, details) of one raw message of commands on `session`: the first refusal it caused, else OK.
+    A sentinel command after it (a first token for no reservation, refused NOT_FOUND) marks its end."""
+    before = len(session.events)
+    session.send_bytes(body)
+    sentinel = f"sentinel-{n}"
+    session.send(first_token(sentinel, 3))
+    session.wait(sentinel)
+    ours = [e for e in session.events[before:] if e.request_id != sentinel and e.WhichOneof("kind") == "refused"]
+    return refused(ours[0]) if ours else ("OK", "")
+
+
+def test_undecodable_commands_are_refused_with_one_log_line_and_the_session_goes_on(system, refs, caplog):
+    session = SessionProbe(system.decode.address, system.metadata)
+    parsed = 0
+    for n, body in enumerate(undecodable_bodies()):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            code, details = session_probe(session, body, n)
+            time.sleep(0.05)
+        if code == "OK":
+            continue  # these bytes happen to be a valid message of commands
+        parsed += 1
+        assert code == "INVALID_ARGUMENT" and details.startswith("command could not be parsed: "), details
+        assert "\n" not in details and "Traceback" not in details
+        records = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(records) == 1 and "could not be parsed" in records[0].getMessage(), records
+        assert records[0].exc_info is None and "\n" not in records[0].getMessage()
+    assert parsed >= 2 and not session.ended.is_set()
+    session.close()
+    assert_serving(system, refs)
+
+
 def fuzzed(rng: random.Random) -> tuple[str, bytes]:
     """A method and a request body: random bytes, or a valid message with random fields, mutated."""
-    methods = [P + "Prefill", P + "Connect", P + "GetLoad", D + "Listen", D + "Decode", D + "SetFirstToken",
-               D + "Generate", D + "GetLoad"]
+    methods = [P + "Prefill", P + "Connect", P + "GetLoad", D + "Listen", "decode", "first_token", "generate",
+               "cancel", D + "GetLoad"]  # the lower-case ones: commands on a session
     method = rng.choice(methods)
     if rng.random() < 0.4:
         return method, bytes(rng.randrange(256) for _ in range(rng.randrange(1, 80)))
@@ -228,11 +297,14 @@ def fuzzed(rng: random.Random) -> tuple[str, bytes]:
                                                      channels=[wpb.ChannelAddress(decode_rank=big(), prefill_rank=big(),
                                                                                   host=name, port=big())]),
            D + "Listen": lambda: wpb.ListenRequest(prefill_worker=name, prefill_tensor_parallel_size=big() + 65),
-           D + "Decode": lambda: wpb.DecodeRequest(request_id=name, prompt_token_ids=ids, sampling=sampling,
-                                                   prefill_worker=rng.choice(["ghost", ""]),
-                                                   transfer_timeout_s=rng.choice([0.0, -5.0, 1e9])),
-           D + "SetFirstToken": lambda: wpb.FirstToken(request_id=name, token_id=big()),
-           D + "Generate": lambda: wpb.LocalRequest(request_id=name, prompt_token_ids=ids, sampling=sampling)}.get(
+           "decode": lambda: wpb.SessionCommands(commands=[wpb.SessionCommand(decode=wpb.DecodeRequest(
+               request_id=name, prompt_token_ids=ids, sampling=sampling, prefill_worker=rng.choice(["ghost", ""]),
+               transfer_timeout_s=rng.choice([0.0, -5.0, 1e9])))]),
+           "first_token": lambda: wpb.SessionCommands(commands=[wpb.SessionCommand(first_token=wpb.FirstToken(
+               request_id=name, token_id=big()))]),
+           "generate": lambda: wpb.SessionCommands(commands=[wpb.SessionCommand(generate=wpb.LocalRequest(
+               request_id=name, prompt_token_ids=ids, sampling=sampling))]),
+           "cancel": lambda: wpb.SessionCommands(commands=[wpb.SessionCommand(cancel=name)])}.get(
         method, wpb.LoadRequest)()
     body = bytearray(msg.SerializeToString())
     for _ in range(rng.randrange(0, 3)):  # flip a byte here and there: wrong tags, lengths and wire types too
@@ -244,12 +316,18 @@ def fuzzed(rng: random.Random) -> tuple[str, bytes]:
 def test_fuzzed_internal_requests_leave_the_system_serving(system, refs):
     rng = random.Random(1234)
     codes: dict[str, int] = {}
-    for _ in range(1000):
+    session = SessionProbe(system.decode.address, system.metadata, timeout=600)  # one for every command
+    for n in range(1000):
         method, body = fuzzed(rng)
-        code, details = call(address(system, method), method, body, system.metadata, timeout=3.0)
+        if method.startswith("/"):
+            code, details = call(address(system, method), method, body, system.metadata, timeout=3.0)
+        else:
+            code, details = session_probe(session, body, n)
         codes[code] = codes.get(code, 0) + 1
         assert code not in ("UNKNOWN", "INTERNAL", "UNAUTHENTICATED"), (method, body, code, details)
         assert "\n" not in details and "Traceback" not in details, details
     assert codes.get("INVALID_ARGUMENT", 0) > 500, codes
+    assert not session.ended.is_set()  # no command ended it
+    session.close()  # aborts whatever fuzzed requests still run
     assert_serving(system, refs)
     assert system.router.published is True
