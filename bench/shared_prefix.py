@@ -96,8 +96,8 @@ def main() -> None:
         statuses[key] = statuses.get(key, 0) + 1
     row = dict(requests=args.requests, system_len=args.system_len, own_len=args.own_len, gen=args.gen,
                decode_num_blocks=args.decode_num_blocks, seconds=elapsed, peak_running=peak[0], statuses=statuses,
-               decode_preemptions=decode.engine.scheduler.num_preemptions,
-               decode_prefix_hit_rate=decode.engine.prefix_cache_hit_rate,
+               decode_preemptions=stats.num_preemptions,
+               decode_prefix_hit_rate=stats.prefix_cache_hit_rate,
                decode_blocks_back=stats.free_blocks == stats.num_blocks, date=time.strftime("%Y-%m-%d"))
     asyncio.run_coroutine_threadsafe(router.stop(), loop).result(30)
     prefill.stop()

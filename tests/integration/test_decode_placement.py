@@ -24,9 +24,13 @@ GREEDY = dict(max_tokens=6, temperature=0.0, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def system(llama_dir):
+    # The engines on threads of this process (RuntimeConfig.engine_process off): the tests read their scheduler's
+    # and KV connector's counters directly.
     cfg = EngineConfig.from_model_dir(llama_dir, num_blocks=64, max_model_len=256)
-    prefill = PrefillWorker("p0", cfg, secret=SECRET)
-    decode = [DecodeLeader(f"d{i}", cfg, secret=SECRET) for i in range(2)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KVRELAY_ENGINE_PROCESS", "0")
+        prefill = PrefillWorker("p0", cfg, secret=SECRET)
+        decode = [DecodeLeader(f"d{i}", cfg, secret=SECRET) for i in range(2)]
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
     router = RouterServer(RouterConfig(host="127.0.0.1", port=0, stats_log_interval_s=0), cfg.model,

@@ -21,8 +21,18 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 
 
 @pytest.fixture()
+def in_process(monkeypatch):
+    """The workers' engines on threads of this process (RuntimeConfig.engine_process off), for a test that
+    reaches into an engine (its executor, its KV channels), which an engine core process would keep apart."""
+    monkeypatch.setenv("KVRELAY_ENGINE_PROCESS", "0")
+
+
+@pytest.fixture()
 def system(llama_dir, request):
-    """poll_interval_s from the test's parametrization (indirect), else 0.05 s."""
+    """poll_interval_s from the test's parametrization (indirect), else 0.05 s; in-process engines for a test
+    that asks for `in_process` too."""
+    if "in_process" in request.fixturenames:
+        request.getfixturevalue("in_process")
     s = start_local(llama_dir, poll_interval_s=getattr(request, "param", 0.05))
     yield s
     s.stop()
@@ -87,7 +97,7 @@ def test_no_capacity_is_not_serving_until_a_worker_returns(system, llama_dir):
     system.wait_free()
 
 
-def test_decode_engine_failing_mid_stream_sends_a_one_line_cause(system):
+def test_decode_engine_failing_mid_stream_sends_a_one_line_cause(in_process, system):
     s = system.client.stream([5, 6, 7, 8], max_tokens=240, temperature=0.0, ignore_eos=True)
     it = iter(s)
     next(it)
@@ -129,7 +139,7 @@ def test_decode_group_dying_mid_stream_ends_the_stream(system):
 
 
 @pytest.mark.parametrize("system", [30.0], indirect=True)
-def test_broken_kv_channel_is_rewired_and_the_request_retried(system, llama_dir):
+def test_broken_kv_channel_is_rewired_and_the_request_retried(in_process, system, llama_dir):
     prompt = [9, 10, 11, 12] * 4
     (ref,) = LLM(llama_dir, max_model_len=256).generate([prompt], SamplingParams(**GREEDY))
 
