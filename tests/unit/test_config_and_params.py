@@ -101,3 +101,27 @@ def test_pure_python_modules_do_not_import_torch():
     code = ("import sys, engine, engine.config, engine.sampling_params, engine.scheduler, engine.kv_cache, "
             "engine.models.hf_config; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_engine_process_switch(monkeypatch, tmp_path):
+    """On by default; KVRELAY_ENGINE_PROCESS overrides the config; `kvrelay serve --no-engine-process` and the
+    config key turn it off."""
+    from deploy import cli
+    from engine.config import RuntimeConfig
+
+    assert RuntimeConfig().resolved("cpu").engine_process is True
+    monkeypatch.setenv("KVRELAY_ENGINE_PROCESS", "0")
+    assert RuntimeConfig().resolved("cpu").engine_process is False
+    monkeypatch.setenv("KVRELAY_ENGINE_PROCESS", "1")
+    assert RuntimeConfig(engine_process=False).resolved("cpu").engine_process is True
+    monkeypatch.setenv("KVRELAY_ENGINE_PROCESS", "maybe")
+    with pytest.raises(ValueError, match="KVRELAY_ENGINE_PROCESS='maybe': use 1/0"):
+        RuntimeConfig().resolved("cpu")
+    (tmp_path / "config.json").write_text("{}")
+    seen = []
+    monkeypatch.setattr("deploy.serve.serve", lambda cfg: seen.append(cfg.runtime_config()) or 0)
+    assert cli.main(["serve", "--model", str(tmp_path)]) == 0
+    assert cli.main(["serve", "--model", str(tmp_path), "--no-engine-process"]) == 0
+    (tmp_path / "serve.json").write_text(json.dumps({"model": str(tmp_path), "engine_process": False}))
+    assert cli.main(["serve", "--config", str(tmp_path / "serve.json")]) == 0
+    assert [r.engine_process for r in seen] == [True, False, False]
