@@ -13,6 +13,7 @@ import time
 
 import grpc
 import pytest
+from session_probe import SessionProbe, refused
 from test_worker_restarts import _counter, pid_of
 
 from client import Client
@@ -102,19 +103,22 @@ def test_drained_worker_finishes_its_streams_and_retires(served, refs, victim, h
         time.sleep(0.02)
     # Asked directly, it refuses new work as draining (what the router takes as "try another", not a failure).
     address = pool.find(victim).spec.address
-    with grpc.insecure_channel(address) as ch:
-        with pytest.raises(grpc.RpcError) as refused:
-            if victim.startswith("decode"):
-                next(iter(wpb_grpc.DecodeGroupStub(ch).Generate(wpb.LocalRequest(
-                    request_id="drain-probe", prompt_token_ids=[1, 2, 3], sampling=SAMPLING), timeout=10,
-                    metadata=served.metadata)))
-            else:
+    if victim.startswith("decode"):  # a command on a session: refused alone, the session goes on
+        session = SessionProbe(address, served.metadata)
+        session.send(wpb.SessionCommand(generate=wpb.LocalRequest(request_id="drain-probe", prompt_token_ids=[1, 2, 3],
+                                                                  sampling=SAMPLING)))
+        code, details = refused(session.wait("drain-probe"))
+        assert not session.ended.is_set()
+        session.close()
+    else:
+        with grpc.insecure_channel(address) as ch:
+            with pytest.raises(grpc.RpcError) as e:
                 wpb_grpc.PrefillWorkerStub(ch).Prefill(wpb.PrefillRequest(
                     request_id="drain-probe", prompt_token_ids=[1, 2, 3], sampling=SAMPLING), timeout=10,
                     metadata=served.metadata)
-    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert refused.value.details() == f"{'decode group' if victim.startswith('decode') else 'prefill worker'} " \
-        f"{victim} is draining"
+        code, details = e.value.code().name, e.value.details()
+    assert code == "UNAVAILABLE"
+    assert details == f"{'decode group' if victim.startswith('decode') else 'prefill worker'} {victim} is draining"
     # New requests while it drains go elsewhere and succeed.
     with Client(served.target, timeout=60) as c:
         assert c.generate(PROMPTS[0], **PARAMS[0]).token_ids == refs[0]
