@@ -230,7 +230,9 @@ class EngineCoreClient:
         elif isinstance(event, wire.Reply):
             with self._lock:
                 fut = self._pending.pop(event.call_id, None)
-            if fut is not None:
+            # A call whose awaiting task was cancelled (its client went away) has a cancelled future: the reply
+            # has nobody to go to (a cancelled start is aborted by its caller).
+            if fut is not None and fut.set_running_or_notify_cancel():
                 value = pickle.loads(event.value)
                 fut.set_result(value) if event.ok else fut.set_exception(value)
         elif isinstance(event, wire.Beat):
@@ -250,7 +252,8 @@ class EngineCoreClient:
         self._deliver([(sink, RequestOutput(rid, [], finished=True, finish_reason="abort", error=error))
                        for rid, sink in sinks.items()])
         for fut in pending.values():
-            fut.set_exception(EngineDead(error))
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(EngineDead(error))
 
     def _deliver(self, pairs: list[tuple[Sink, RequestOutput]]) -> None:
         if not pairs:

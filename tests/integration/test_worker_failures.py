@@ -154,3 +154,60 @@ def test_broken_kv_channel_is_rewired_and_the_request_retried(in_process, system
         assert system.retries() == 1  # the second found p0's channels re-wired
     assert all(w.view.healthy for w in system.router.pool.prefill)
     system.wait_free()
+
+
+def _hold_after_layer_0(worker: object, marker: str) -> tuple:
+    """In a prefill worker's in-process engine: the step that sends `marker`'s KV stops after layer 0 was sent,
+    until released. Returns (gate, hit, original hook)."""
+    import threading
+
+    ext = worker.engine.executor.extension
+    gate, hit, original = threading.Event(), threading.Event(), ext.on_layer
+
+    def on_layer(layer: int) -> None:
+        original(layer)
+        if layer == 0 and any(rid.startswith(marker) for step in ext.step_sends for rid in step.request_ids):
+            hit.set()
+            gate.wait(30)
+
+    ext.on_layer = on_layer
+    return gate, hit, original
+
+
+def test_cancel_mid_prefill_frees_blocks_on_both_sides(in_process, system, llama_dir):
+    """Cancelled while the prefill worker is computing the prompt and its KV is on the way (layer 0 sent, the
+    decode group's reservation live): the reservation is freed at once, the prefill's blocks when its step ends,
+    and the late layers land nowhere (the next request's tokens are exact). In-process engines: the test holds a
+    prefill step from inside the engine."""
+    prompt = [3, 40, 41, 42, 43] * 6
+    holds = [_hold_after_layer_0(w, "cancel-mid-prefill#") for w in system.prefill]
+    try:
+        s = system.client.stream(prompt, request_id="cancel-mid-prefill", max_tokens=200, temperature=0.0,
+                                 ignore_eos=True)
+        deadline = time.monotonic() + 20
+        while not any(h[1].is_set() for h in holds):
+            assert time.monotonic() < deadline, "no prefill step reached layer 0"
+            time.sleep(0.01)
+        worker = next(w for w, h in zip(system.prefill, holds) if h[1].is_set())
+        num_blocks = worker.engine.num_blocks
+        assert worker.engine.num_free_blocks < num_blocks  # the prompt's blocks, mid-prefill
+        d = system.decode.loop.stats
+        assert d.remote == 1 and d.free_blocks < d.num_blocks  # reserved, awaiting the KV
+        s.cancel()
+        with pytest.raises(KvrelayError) as e:
+            list(s)
+        assert e.value.code == "CANCELLED"
+        deadline = time.monotonic() + 10
+        while (d := system.decode.loop.stats).free_blocks != d.num_blocks or d.remote:
+            assert time.monotonic() < deadline, d
+            time.sleep(0.02)
+        assert worker.engine.num_free_blocks < num_blocks  # still held: the prefill is still mid-step
+    finally:
+        for w, (gate, _, original) in zip(system.prefill, holds):
+            w.engine.executor.extension.on_layer = original
+            gate.set()
+    system.wait_free()
+    (ref,) = LLM(llama_dir, max_model_len=256).generate([prompt], SamplingParams(max_tokens=16, temperature=0.0,
+                                                                                 ignore_eos=True))
+    assert system.client.generate(prompt, max_tokens=16, temperature=0.0, ignore_eos=True).token_ids == \
+        ref.token_ids
