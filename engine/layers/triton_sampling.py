@@ -43,6 +43,66 @@ def _row_params(row, slot_ptr, index_ptr, fparams_ptr, iparams_ptr, num_slots):
 
 
 @triton.jit
+def _round(base, vocab, t, greedy, top_k, top_p, key, pivot, m, z, BLOCK: tl.constexpr):
+    """One rejection round over a row: the Gumbel-max candidate among the entries of s = logits / t above
+    `pivot` (the first maximum in vocabulary order; greedy rows take no noise), then whether it is inside top-k
+    and top-p by the mass (normalised with the row's max `m` and normaliser `z`) and count of the entries above
+    it. Returns (candidate, accepted, its s)."""
+    best = tl.full((), float("-inf"), tl.float32)
+    cand = tl.full((), 0, tl.int64)
+    for start in range(0, vocab, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        inside = offs < vocab
+        s = tl.load(base + offs, mask=inside, other=float("-inf")).to(tl.float32) / t
+        h = _lowbias32(key ^ (offs.to(tl.uint32) * 0x9E3779B9))
+        u = ((h >> 9) * 2 + 1).to(tl.float32) * (1.0 / 16777216.0)
+        g = tl.where(greedy, 0.0, -tl.log(-tl.log(u)))
+        v = tl.where(inside & (s > pivot), s + g, float("-inf"))
+        bm = tl.max(v, axis=0)
+        bi = tl.argmax(v, axis=0).to(tl.int64) + start
+        take = bm > best
+        cand = tl.where(take, bi, cand)
+        best = tl.where(take, bm, best)
+    sv = tl.load(base + cand).to(tl.float32) / t
+    mass = tl.full((), 0.0, tl.float32)
+    count = tl.full((), 0, tl.int64)
+    for start in range(0, vocab, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        s = tl.load(base + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32) / t
+        above = s > sv
+        mass += tl.sum(tl.where(above, tl.exp(s - m), 0.0), axis=0)
+        count += tl.sum(above.to(tl.int64), axis=0)
+    ok = greedy | (((top_p >= 1.0) | (mass / z < top_p)) & ((top_k <= 0) | (count < top_k)))
+    return cand, ok, sv
+
+
+@triton.jit
+def _later_rounds(base, vocab, t, greedy, top_k, top_p, key, pivot, m, z, result, done,
+                  FIRST: tl.constexpr, MAX_ROUNDS: tl.constexpr, BLOCK: tl.constexpr):
+    """Rounds FIRST.. of a row not accepted yet (`done` 0), each from the last rejected candidate's `pivot`;
+    a row never accepted within MAX_ROUNDS keeps the argmax. Returns the row's token."""
+    for r in range(FIRST, MAX_ROUNDS):
+        if r > 0:
+            key = _lowbias32(key ^ 0x5BD1E995)  # sampling_noise.next_round_key
+        if done == 0:
+            cand, ok, sv = _round(base, vocab, t, greedy, top_k, top_p, key, pivot, m, z, BLOCK)
+            result = tl.where(ok, cand, result)
+            done = tl.where(ok, 1, 0)
+            pivot = tl.where(ok, pivot, sv)
+    if done == 0:  # never accepted within MAX_ROUNDS: the argmax is always kept
+        best = tl.full((), float("-inf"), tl.float32)
+        for start in range(0, vocab, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            s = tl.load(base + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32)
+            bm = tl.max(s, axis=0)
+            bi = tl.argmax(s, axis=0).to(tl.int64) + start
+            take = bm > best
+            result = tl.where(take, bi, result)
+            best = tl.where(take, bm, best)
+    return result
+
+
+@triton.jit
 def _sample_kernel(logits_ptr, stride, slot_ptr, index_ptr, fparams_ptr, iparams_ptr, num_slots, out_ptr, vocab,
                    MAX_ROUNDS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
@@ -58,52 +118,8 @@ def _sample_kernel(logits_ptr, stride, slot_ptr, index_ptr, fparams_ptr, iparams
         z = z * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new), axis=0)
         m = m_new
     pivot = tl.full((), float("-inf"), tl.float32)
-    done = tl.full((), 0, tl.int32)
-    result = tl.full((), 0, tl.int64)
-    key = key0
-    for r in range(MAX_ROUNDS):
-        if r > 0:
-            key = _lowbias32(key ^ 0x5BD1E995)  # sampling_noise.next_round_key
-        if done == 0:
-            best = tl.full((), float("-inf"), tl.float32)
-            cand = tl.full((), 0, tl.int64)
-            for start in range(0, vocab, BLOCK):
-                offs = start + tl.arange(0, BLOCK)
-                inside = offs < vocab
-                s = tl.load(base + offs, mask=inside, other=float("-inf")).to(tl.float32) / t
-                h = _lowbias32(key ^ (offs.to(tl.uint32) * 0x9E3779B9))
-                u = ((h >> 9) * 2 + 1).to(tl.float32) * (1.0 / 16777216.0)
-                g = tl.where(greedy, 0.0, -tl.log(-tl.log(u)))
-                v = tl.where(inside & (s > pivot), s + g, float("-inf"))
-                bm = tl.max(v, axis=0)
-                bi = tl.argmax(v, axis=0).to(tl.int64) + start
-                take = bm > best
-                cand = tl.where(take, bi, cand)
-                best = tl.where(take, bm, best)
-            sv = tl.load(base + cand).to(tl.float32) / t
-            mass = tl.full((), 0.0, tl.float32)
-            count = tl.full((), 0, tl.int64)
-            for start in range(0, vocab, BLOCK):
-                offs = start + tl.arange(0, BLOCK)
-                s = tl.load(base + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32) / t
-                above = s > sv
-                mass += tl.sum(tl.where(above, tl.exp(s - m), 0.0), axis=0)
-                count += tl.sum(above.to(tl.int64), axis=0)
-            mass = mass / z
-            ok = greedy | (((top_p >= 1.0) | (mass < top_p)) & ((top_k <= 0) | (count < top_k)))
-            result = tl.where(ok, cand, result)
-            done = tl.where(ok, 1, 0)
-            pivot = tl.where(ok, pivot, sv)
-    if done == 0:  # never accepted within MAX_ROUNDS: the argmax is always kept
-        best = tl.full((), float("-inf"), tl.float32)
-        for start in range(0, vocab, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            s = tl.load(base + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32)
-            bm = tl.max(s, axis=0)
-            bi = tl.argmax(s, axis=0).to(tl.int64) + start
-            take = bm > best
-            result = tl.where(take, bi, result)
-            best = tl.where(take, bm, best)
+    result = _later_rounds(base, vocab, t, greedy, top_k, top_p, key0, pivot, m, z, tl.full((), 0, tl.int64),
+                           tl.full((), 0, tl.int32), 0, MAX_ROUNDS, BLOCK)
     tl.store(out_ptr + row, result)
 
 

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.layers.triton_sampling import _lowbias32, _row_params
+from engine.layers.triton_sampling import _later_rounds, _lowbias32, _row_params
 from engine.sampling_noise import MAX_ROUNDS
 
 BLOCK = 2048
@@ -109,49 +109,10 @@ def _finish_kernel(logits_ptr, stride, slot_ptr, index_ptr, fparams_ptr, iparams
     mass = tl.sum(tl.load(mass_ptr + (row * SPLITS + idx) * 2), axis=0) / z
     count = tl.sum(tl.load(mass_ptr + (row * SPLITS + idx) * 2 + 1), axis=0).to(tl.int64)
     ok = greedy | (((top_p >= 1.0) | (mass < top_p)) & ((top_k <= 0) | (count < top_k)))
-    result = cand
-    done = tl.where(ok, 1, 0)
+    # The first round rejected its candidate: go on as one program, from that candidate, as triton_sampling does.
     pivot = tl.load(base + cand).to(tl.float32) / t
-    for _r in range(1, MAX_ROUNDS):  # the first round rejected its candidate: go on as one program
-        key = _lowbias32(key ^ 0x5BD1E995)  # sampling_noise.next_round_key
-        if done == 0:
-            best = tl.full((), float("-inf"), tl.float32)
-            c = tl.full((), 0, tl.int64)
-            for start in range(0, vocab, BLOCK):
-                offs = start + tl.arange(0, BLOCK)
-                inside = offs < vocab
-                s = tl.load(base + offs, mask=inside, other=float("-inf")).to(tl.float32) / t
-                h = _lowbias32(key ^ (offs.to(tl.uint32) * 0x9E3779B9))
-                u = ((h >> 9) * 2 + 1).to(tl.float32) * (1.0 / 16777216.0)
-                v = tl.where(inside & (s > pivot), s - tl.log(-tl.log(u)), float("-inf"))
-                bm = tl.max(v, axis=0)
-                bi = tl.argmax(v, axis=0).to(tl.int64) + start
-                take = bm > best
-                c = tl.where(take, bi, c)
-                best = tl.where(take, bm, best)
-            sv = tl.load(base + c).to(tl.float32) / t
-            ms = tl.full((), 0.0, tl.float32)
-            cnt = tl.full((), 0, tl.int64)
-            for start in range(0, vocab, BLOCK):
-                offs = start + tl.arange(0, BLOCK)
-                s = tl.load(base + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32) / t
-                above = s > sv
-                ms += tl.sum(tl.where(above, tl.exp(s - m), 0.0), axis=0)
-                cnt += tl.sum(above.to(tl.int64), axis=0)
-            acc = ((top_p >= 1.0) | (ms / z < top_p)) & ((top_k <= 0) | (cnt < top_k))
-            result = tl.where(acc, c, result)
-            done = tl.where(acc, 1, 0)
-            pivot = tl.where(acc, pivot, sv)
-    if done == 0:  # never accepted within MAX_ROUNDS: the argmax is always kept
-        best = tl.full((), float("-inf"), tl.float32)
-        for start in range(0, vocab, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            s = tl.load(base + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32)
-            bm = tl.max(s, axis=0)
-            bi = tl.argmax(s, axis=0).to(tl.int64) + start
-            take = bm > best
-            result = tl.where(take, bi, result)
-            best = tl.where(take, bm, best)
+    result = _later_rounds(base, vocab, t, greedy, top_k, top_p, key, pivot, m, z, cand, tl.where(ok, 1, 0), 1,
+                           MAX_ROUNDS, BLOCK)
     tl.store(out_ptr + row, result)
 
 
