@@ -178,21 +178,54 @@ class ModelRunner:
 
     # ---- one step -----------------------------------------------------------------------------------------
     def _torch_metadata(self, out: SchedulerOutput, inp: StepInputs) -> AttentionMetadata:
-        """Metadata of the portable torch path (prefill, mixed and CPU steps)."""
+        """Metadata of the portable torch path (prefill, mixed and CPU steps). A mixed step's decode rows (one
+        new token after cached ones) attend apart from its prompts and chunks: with the Triton decode kernel
+        where there is one, never padded to the longest prompt chunk; the rest as a step of their own."""
         starts = np.asarray(out.starts, dtype=np.int64)
-        counts = np.diff(inp.query_start)
+        qs = inp.query_start
+        counts = np.diff(qs)
+        decode = (counts == 1) & (starts > 0)
+        if decode.all() or not decode.any():
+            slots = inp.packed[BATCH_SLOT][to_device(qs[:-1].copy(), self.device)]  # [n] rows' batch slots
+            return self._rows_metadata(inp.packed[SLOT], starts, counts, slots)
+        dec, rest = np.flatnonzero(decode), np.flatnonzero(~decode)
+        rest_tokens = np.repeat(qs[rest], counts[rest]) + np.arange(int(counts[rest].sum())) - \
+            np.repeat(np.cumsum(counts[rest]) - counts[rest], counts[rest])
+        tokens = to_device(np.concatenate([qs[dec], rest_tokens, starts[dec] + 1]), self.device)
+        dec_tokens, rest_tokens_d = tokens[:len(dec)], tokens[len(dec):len(dec) + len(rest_tokens)]
+        row_tokens = tokens[:len(dec) + len(rest_tokens)]
+        slots = inp.packed[BATCH_SLOT][row_tokens]  # [t] each token's batch slot (decode rows first)
+        if self.decode_kernel:
+            width = -(-int(starts[dec].max() + 1) // self.block_size)
+            dec_meta = AttentionMetadata.for_decode(inp.packed[SLOT][dec_tokens], tokens[len(row_tokens):],
+                                                    self.batch.tables[slots[:len(dec)], :width])
+        else:
+            dec_meta = self._rows_metadata(inp.packed[SLOT][dec_tokens], starts[dec], counts[dec], slots[:len(dec)])
+        rest_starts = np.cumsum(counts[rest]) - counts[rest]  # the rest rows' first tokens among theirs
+        rest_meta = self._rows_metadata(inp.packed[SLOT][rest_tokens_d], starts[rest], counts[rest],
+                                        slots[len(dec):][to_device(rest_starts, self.device)])
+        empty = inp.packed[SLOT].new_empty(0)
+        return AttentionMetadata(slot_mapping=inp.packed[SLOT], query_start=[], seq_lens_host=[], seq_lens=empty,
+                                 block_tables=empty, query_positions=empty, query_pad_index=empty,
+                                 max_query_len=int(counts.max()), all_fresh_prefill=False,
+                                 parts=[(dec_tokens, dec_meta), (rest_tokens_d, rest_meta)])
+
+    def _rows_metadata(self, slot_mapping: torch.Tensor, starts: np.ndarray, counts: np.ndarray,
+                       slots: torch.Tensor) -> AttentionMetadata:
+        """Torch-path metadata of rows whose tokens are `slot_mapping`'s, in order: row b starts at position
+        starts[b] with counts[b] new tokens; `slots`: [rows] their batch slots (on the device)."""
         seq_lens = starts + counts
+        query_start = np.concatenate([[0], np.cumsum(counts)])
         n, max_q = len(starts), int(counts.max())
         qpos = starts[:, None] + np.arange(max_q)[None, :]
         qpos[np.arange(max_q)[None, :] >= counts[:, None]] = 0
         row = np.repeat(np.arange(n), counts)
-        pad_index = row * max_q + np.arange(len(row)) - inp.query_start[row]
+        pad_index = row * max_q + np.arange(len(row)) - query_start[row]
         width = -(-int(seq_lens.max()) // self.block_size)
         dev = to_device(np.concatenate([seq_lens, qpos.ravel(), pad_index]), self.device)
-        slots = inp.packed[BATCH_SLOT][to_device(inp.query_start[:-1].copy(), self.device)]
         return AttentionMetadata(
-            slot_mapping=inp.packed[SLOT],
-            query_start=inp.query_start.tolist(),
+            slot_mapping=slot_mapping,
+            query_start=query_start.tolist(),
             seq_lens_host=seq_lens.tolist(),
             seq_lens=dev[:n],
             block_tables=self.batch.tables[slots, :width],

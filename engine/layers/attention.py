@@ -107,16 +107,26 @@ class Attention(nn.Module):
             tpa.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
             if meta.on_layer_kv_written is not None:
                 meta.on_layer_kv_written(self.layer_idx)
-            out = tpa.paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens,
-                                             self.scale, self.sliding_window)
-            return out.reshape(q.shape[0], self.num_heads * d)
+            return self._attend(q, k, v, meta).reshape(q.shape[0], self.num_heads * d)
         self.k_cache.view(-1, self.num_kv_heads, d)[meta.slot_mapping] = k
         self.v_cache.view(-1, self.num_kv_heads, d)[meta.slot_mapping] = v
         if meta.on_layer_kv_written is not None:
             meta.on_layer_kv_written(self.layer_idx)
+        if meta.parts is None:
+            return self._attend(q, k, v, meta).reshape(q.shape[0], self.num_heads * d)
+        out = torch.empty_like(q)
+        for tokens, part in meta.parts:  # tokens: [t] int64, the part's rows' tokens in the batch
+            out[tokens] = self._attend(q[tokens], k[tokens], v[tokens], part)
+        return out.reshape(q.shape[0], self.num_heads * d)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        # q: [T, H, D]; k, v: [T, Hkv, D] (already in the cache) -> [T, H, D]
+        if meta.paged_decode:
+            from engine.layers import triton_paged_attention as tpa
+
+            return tpa.paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens,
+                                              self.scale, self.sliding_window)
         longest = max(meta.seq_lens_host)
         if meta.all_fresh_prefill and (self.sliding_window is None or longest <= self.sliding_window):
-            out = prefill_attention(q, k, v, meta, self.scale)
-        else:
-            out = paged_attention(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window)
-        return out.reshape(q.shape[0], self.num_heads * d)
+            return prefill_attention(q, k, v, meta, self.scale)
+        return paged_attention(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window)

@@ -40,6 +40,10 @@ class AttentionMetadata:
     on_layer_kv_written: Callable[[int], None] | None = None
     # Memo of masks per sliding window, built on first use by a layer and shared by the rest.
     masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+    # A mixed step (decode rows next to prompts or prompt chunks): (token indices [t] int64 into the batch, their
+    # metadata) per part; each part attends on its own (the decode rows as a pure decode step would, with the
+    # Triton kernel on CUDA), after the whole batch's KV was stored with `slot_mapping`. None: one part.
+    parts: list[tuple[torch.Tensor, AttentionMetadata]] | None = None
 
 
     @classmethod
