@@ -4,6 +4,9 @@ tokens are exactly those it gets alone."""
 
 from __future__ import annotations
 
+import pytest
+import torch
+
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.runner import ModelRunner
 
@@ -12,10 +15,14 @@ PROMPTS = {"a": [5, 6, 7, 8, 9, 10, 11], "b": [40, 41, 42] * 5, "c": [3 + i for 
            "d": [21, 22, 23, 24]}
 
 
-def run(llama_dir: str, staggered: bool) -> dict[str, list[int]]:
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
+
+
+def run(llama_dir: str, staggered: bool, device: str) -> dict[str, list[int]]:
     # A 32-token budget: "c" (70 tokens) is prefilled in chunks next to the others' decodes.
-    eng = LLMEngine(EngineConfig.from_model_dir(llama_dir, dtype="float32", num_blocks=64, max_model_len=256,
-                                                max_num_batched_tokens=32))
+    eng = LLMEngine(EngineConfig.from_model_dir(llama_dir, dtype="float32", device=device, num_blocks=64,
+                                                max_model_len=256, max_num_batched_tokens=32))
     tokens: dict[str, list[int]] = {rid: [] for rid in PROMPTS}
     # Staggered: "a" first; three steps later "b", "c" and "d" at once, so one step holds a's decode next to
     # several prompts and a chunk (rows of the rest with different batch slots).
@@ -32,7 +39,8 @@ def run(llama_dir: str, staggered: bool) -> dict[str, list[int]]:
     return tokens
 
 
-def test_mixed_steps_give_each_request_its_tokens_alone(llama_dir, monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_steps_give_each_request_its_tokens_alone(llama_dir, monkeypatch, device):
     parts: list[int] = []
     original = ModelRunner._torch_metadata
 
@@ -43,14 +51,15 @@ def test_mixed_steps_give_each_request_its_tokens_alone(llama_dir, monkeypatch):
 
     alone = {}
     for rid, prompt in PROMPTS.items():
-        eng = LLMEngine(EngineConfig.from_model_dir(llama_dir, dtype="float32", num_blocks=64, max_model_len=256))
+        eng = LLMEngine(EngineConfig.from_model_dir(llama_dir, dtype="float32", device=device, num_blocks=64,
+                                                    max_model_len=256))
         eng.add_request(rid, prompt, GREEDY)
         while eng.has_unfinished_requests():
             for out in eng.step():
                 alone.setdefault(rid, []).extend(out.new_token_ids)
         eng.shutdown()
     monkeypatch.setattr(ModelRunner, "_torch_metadata", spy)
-    mixed = run(llama_dir, staggered=True)
+    mixed = run(llama_dir, staggered=True, device=device)
     assert mixed == alone
     assert all(len(t) == 12 for t in mixed.values())
     assert parts.count(2) >= 3, parts  # steps that were split into decode rows and the rest
