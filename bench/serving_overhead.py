@@ -94,7 +94,15 @@ def through_the_stack(model: str, args: argparse.Namespace, dtype: str, tmp: str
                         "--input-len", str(args.input_len), "--output-len", str(args.output_len), "--ignore-eos",
                         "--seed", "0", "--quiet", "--out", out], check=True, stdout=subprocess.DEVNULL, timeout=1800)
     with open(out) as f:
-        return json.load(f)["metrics"]
+        doc = json.load(f)
+    metrics = doc["metrics"]
+    # Server-side timings of each request (the router's: waiting for a seat, and arrival to first token), to
+    # tell the stack's latency from the load generator's.
+    timings = [r["server_timings_ms"] for r in doc["requests"] if r.get("server_timings_ms")]
+    for key in ("queued", "first_token"):
+        s = summarize([t[key] for t in timings])
+        metrics[f"server_{key}_ms"] = s.to_json() if s is not None else None
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,11 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{args.shape} on {report['device']}: {args.requests} requests per run, {args.input_len} -> "
           f"{args.output_len} tokens, closed loop")
     print(f"{'in flight':>9} {'engine tok/s':>13} {'served tok/s':>13} {'served/alone':>13} {'TTFT p50 eng':>13} "
-          f"{'TTFT p50 srv':>13} {'TPOT p50 eng':>13} {'TPOT p50 srv':>13}")
+          f"{'TTFT p50 srv':>13} {'router TTFT':>12} {'TPOT p50 eng':>13} {'TPOT p50 srv':>13}")
     for r in runs:
         e, v = r["engine"], r["serving"]
         print(f"{r['concurrency']:>9} {e['output_throughput']:>13.0f} {v['output_throughput']:>13.0f} "
               f"{r['serving_vs_engine']:>12.2f}x {e['ttft_ms']['p50']:>11.1f}ms {v['ttft_ms']['p50']:>11.1f}ms "
+              f"{(v.get('server_first_token_ms') or {}).get('p50', float('nan')):>10.1f}ms "
               f"{e['tpot_ms']['p50']:>11.2f}ms {v['tpot_ms']['p50']:>11.2f}ms")
     return 0
 

@@ -37,6 +37,7 @@ def test_serving_overhead_dry_run(tmp_path):
     s, e = run["serving"], run["engine"]
     assert run["concurrency"] == 3 and s["completed"] == 12 and s["total_output_tokens"] == 12 * 6
     assert e["ttft_ms"]["count"] == 12 and e["tpot_ms"]["count"] == 12  # every measured request, once each
+    assert s["server_first_token_ms"]["count"] == 12 and s["server_queued_ms"]["count"] == 12
     assert e["output_throughput"] > 0 and run["serving_vs_engine"] == s["output_throughput"] / e["output_throughput"]
     assert run["ttft_p50_over_engine_ms"] == s["ttft_ms"]["p50"] - e["ttft_ms"]["p50"]
     assert "served/alone" in r.stdout
