@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,7 +37,7 @@ def engine_alone(model: str, args: argparse.Namespace, dtype: str, concurrency: 
                                                 max_num_seqs=concurrency, max_model_len=args.max_model_len,
                                                 num_blocks=args.num_blocks))
     rng = random.Random(0)
-    params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+    lo, hi = round(args.output_len * (1 - args.output_len_range)), round(args.output_len * (1 + args.output_len_range))
     vocab = eng.config.model.vocab_size
     sent = done = tokens = 0
     added: dict[str, float] = {}
@@ -47,7 +48,9 @@ def engine_alone(model: str, args: argparse.Namespace, dtype: str, concurrency: 
     def add() -> None:
         nonlocal sent
         rid = f"r{sent}"
-        eng.add_request(rid, [rng.randrange(3, vocab) for _ in range(args.input_len)], params)
+        eng.add_request(rid, [rng.randrange(3, vocab) for _ in range(args.input_len)],
+                        SamplingParams(max_tokens=rng.randint(max(1, lo), max(1, hi)), temperature=0.0,
+                                       ignore_eos=True))
         added[rid] = time.perf_counter()
         sent += 1
 
@@ -91,10 +94,13 @@ def through_the_stack(model: str, args: argparse.Namespace, dtype: str, tmp: str
     with Server(serve, os.path.join(tmp, "serve.log"), 900) as target:
         subprocess.run([sys.executable, "-m", "bench.load", "--target", target, "--concurrency",
                         str(concurrency), "--num-requests", str(args.requests), "--warmup", str(args.warmup),
-                        "--input-len", str(args.input_len), "--output-len", str(args.output_len), "--ignore-eos",
+                        "--input-len", str(args.input_len), "--output-len", str(args.output_len), "--output-len-range",
+                        str(args.output_len_range), "--ignore-eos",
                         "--seed", "0", "--quiet", "--out", out], check=True, stdout=subprocess.DEVNULL, timeout=1800)
     with open(out) as f:
         doc = json.load(f)
+    if args.out:  # the load generator's whole report (per-request records, timeline) beside the summary
+        shutil.copy(out, f"{os.path.splitext(args.out)[0]}.load-{concurrency}.json")
     metrics = doc["metrics"]
     # Server-side timings of each request (the router's: waiting for a seat, and arrival to first token), to
     # tell the stack's latency from the load generator's.
@@ -113,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=[64], help="requests in flight (one run each)")
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--output-len-range", type=float, default=0.0, metavar="R",
+                   help="output lengths uniform in len*(1 +- R), in both runs (0: all equal, whose closed loop "
+                        "settles into waves of requests that start and end together)")
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--num-blocks", type=int, default=None, help="KV blocks (default: sized from memory)")
@@ -137,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
     print(f"\n{args.shape} on {report['device']}: {args.requests} requests per run, {args.input_len} -> "
-          f"{args.output_len} tokens, closed loop")
+          f"{args.output_len} (+-{args.output_len_range:.0%}) tokens, closed loop")
     print(f"{'in flight':>9} {'engine tok/s':>13} {'served tok/s':>13} {'served/alone':>13} {'TTFT p50 eng':>13} "
           f"{'TTFT p50 srv':>13} {'router TTFT':>12} {'TPOT p50 eng':>13} {'TPOT p50 srv':>13}")
     for r in runs:

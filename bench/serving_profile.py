@@ -19,9 +19,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 from bench.bench_models import write_config
-from bench.disagg_vs_agg import Server
+from bench.disagg_vs_agg import Server, free_port
 
 ROLES = (("engine_core_proc", "engine core"), ("DecodeRankActor", "decode service"), ("deploy.cli", "router"),
          ("bench.load", "load generator"))
@@ -63,6 +64,21 @@ def top_functions(raw: str, n: int) -> list[tuple[str, float]]:
     return [(f, c / total) for f, c in own.most_common(n)] if total else []
 
 
+GAUGES = ("kvrelay:num_requests_running", "kvrelay:num_requests_waiting", "kvrelay:kv_cache_usage_perc")
+
+
+def scrape(url: str) -> dict[str, float]:
+    """The decode group's running / waiting requests and KV use, from the router's /metrics (as its last load
+    poll saw them)."""
+    found = {}
+    with urllib.request.urlopen(url, timeout=2) as r:
+        for line in r.read().decode().splitlines():
+            name = line.split("{", 1)[0]
+            if name in GAUGES:
+                found[name] = found.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="llama-3.2-1b")
@@ -78,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     dtype = "float32" if args.device == "cpu" else "bfloat16"
     os.makedirs(args.out_dir, exist_ok=True)
+    http_port = free_port()
+    samples: list[dict[str, float]] = []
     spy = shutil.which("py-spy") or shutil.which("py-spy", path=os.path.dirname(sys.executable))
     with tempfile.TemporaryDirectory() as tmp:
         model = os.path.join(tmp, "model")
@@ -86,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         serve = ["--model", model, "--load-format", "dummy", "--dtype", dtype, "--device", args.device,
                  "--prefill-workers", "0", "--decode-groups", "1", "--max-num-seqs", str(args.concurrency),
                  "--max-model-len", str(args.max_model_len), "--max-queued-requests", str(args.requests),
-                 *args.serve_args.split()]
+                 "--http-port", str(http_port), *args.serve_args.split()]
         with Server(serve, os.path.join(tmp, "serve.log"), 900) as target:
             load = subprocess.Popen([sys.executable, "-m", "bench.load", "--target", target, "--concurrency",
                                      str(args.concurrency), "--num-requests", str(args.requests), "--input-len",
@@ -102,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
                      for pid in procs] if spy else []
             t0 = time.monotonic()
-            time.sleep(args.profile_s)
+            while time.monotonic() - t0 < args.profile_s:
+                samples.append(scrape(f"http://127.0.0.1:{http_port}/metrics"))
+                time.sleep(0.25)
             usage = {pid: (cpu_seconds(pid) - before[pid]) / (time.monotonic() - t0) for pid in procs
                      if os.path.exists(f"/proc/{pid}")}
             for _, s in spies:
@@ -116,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
             with open(path) as f:
                 for fn, share in top_functions(f.read(), 8):
                     print(f"{'':>24}{100 * share:5.1f}%  {fn[:110]}")
+    for name in GAUGES:
+        v = [x[name] for x in samples if name in x]
+        if v:
+            print(f"{name:>34}: mean {sum(v) / len(v):8.2f}  min {min(v):8.2f}  max {max(v):8.2f}  ({len(v)} polls)")
     return 0
 
 

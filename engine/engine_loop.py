@@ -63,16 +63,23 @@ OPERATIONS = frozenset({"add_request", "reserve_remote_prefill", "set_first_toke
 
 
 StepHook = Callable[[list[RequestOutput], EngineStats], None]
+# Reads calls that arrive from outside the process into the loop (`EngineLoop.call`), on the loop thread: waits
+# at most the given seconds for one when there is nothing else to do, and returns at once when given 0.
+Inbox = Callable[["EngineLoop", float], None]
+# An inbox wait is cut this short, so that a stop from this process's own threads is seen soon.
+INBOX_WAIT_S = 0.05
 
 
 class EngineLoop:
     """`on_step`, if given, gets every step's whole output list and the stats after it, on the loop thread (the
-    engine core process forwards both in one message); `on_death` gets the error when the loop dies."""
+    engine core process forwards both in one message); `on_death` gets the error when the loop dies. `inbox`, if
+    given, is how calls from another process arrive: the loop thread itself reads them between steps (and waits
+    on it when idle), so a busy engine never hands the GIL to a reader thread per call."""
 
     def __init__(self, engine: LLMEngine, name: str = "engine", on_step: StepHook | None = None,
-                 on_death: Callable[[str], None] | None = None) -> None:
+                 on_death: Callable[[str], None] | None = None, inbox: Inbox | None = None) -> None:
         self.engine = engine
-        self._on_step, self._on_death = on_step, on_death
+        self._on_step, self._on_death, self._inbox = on_step, on_death, inbox
         engine.defer_expects = True  # reservations between two steps: one registration call for all of them
         self._calls: queue.SimpleQueue[tuple[Callable[[LLMEngine], Any], concurrent.futures.Future]] = \
             queue.SimpleQueue()
@@ -207,13 +214,14 @@ class EngineLoop:
         last_keepalive = time.monotonic()
         while not self._stopping:
             try:
+                if self._inbox is not None:
+                    self._inbox(self, 0.0)
                 self._run_calls()
                 if time.monotonic() - last_keepalive > KEEPALIVE_S:
                     eng.keepalive()
                     last_keepalive = time.monotonic()
                 if not eng.has_unfinished_requests():
-                    self._wake.wait(KEEPALIVE_S)
-                    self._wake.clear()
+                    self._wait(KEEPALIVE_S)
                     continue
                 self.busy_since = time.monotonic()
                 outputs = eng.step()
@@ -229,14 +237,20 @@ class EngineLoop:
             s = eng.scheduler
             if not (s.running or s.waiting) and not outputs:
                 # Only KV transfers in flight: nothing to compute, so wait for a call or the next poll.
-                self._wake.wait(REMOTE_POLL_S)
-                self._wake.clear()
+                self._wait(REMOTE_POLL_S)
         while not self._stopping:  # dead: fail every call that still arrives, until stopped
             self._fail_calls()
-            self._wake.wait()
-            self._wake.clear()
+            self._wait(KEEPALIVE_S)
         self._end_all("the worker is shutting down")
         self._fail_calls()
+
+    def _wait(self, timeout_s: float) -> None:
+        """Until a call arrives (from this process or through the inbox), at most `timeout_s`."""
+        if self._inbox is None:
+            self._wake.wait(timeout_s)
+        elif not self._wake.is_set():
+            self._inbox(self, min(timeout_s, INBOX_WAIT_S))
+        self._wake.clear()
 
     def stuck_for(self) -> float:
         """Seconds the current step or call has run (0 when between them): a worker whose loop is stuck in a

@@ -64,14 +64,15 @@ def run_core(spec: CoreSpec) -> None:
     commands = ctx.socket(zmq.PULL)
     commands.setsockopt(zmq.RCVHWM, 0)
     commands.connect(spec.commands)
-    send_lock = threading.Lock()  # the loop thread, the command thread and the beat thread all send
+    send_lock = threading.Lock()  # the loop thread (replies, steps, a death) and the beat thread send
 
     def send(data: bytes) -> None:
         with send_lock:
             events.send(data)
 
+    stop = _Stop()
     try:
-        loop = _build(spec, send)
+        loop = _build(spec, send, _inbox(commands, send, stop))
     except BaseException as e:
         send(wire.encode(wire.Failed(wire.pickle_value(e, True), traceback.format_exc())))
         events.close()  # lingers until the message is out
@@ -79,10 +80,15 @@ def run_core(spec: CoreSpec) -> None:
     send(wire.encode(wire.Ready(pickle.dumps(loop.config), loop.stats)))
     threading.Thread(target=_beat, args=(loop, send), name="kvrelay-core-beat", daemon=True).start()
     try:
-        _serve_commands(loop, commands, send)
+        stop.wait()  # the inbox, on the loop thread, sets it when the service says stop
+        loop.stop(stop.timeout_s)
     finally:
         events.close()
         os._exit(0)
+
+
+class _Stop(threading.Event):
+    timeout_s = 30.0
 
 
 def build_engine(config: EngineConfig, init_method: str | None = None, device: str | None = None):  # -> LLMEngine
@@ -101,7 +107,7 @@ def build_engine(config: EngineConfig, init_method: str | None = None, device: s
     return LLMEngine(config, executor)
 
 
-def _build(spec: CoreSpec, send):  # -> EngineLoop
+def _build(spec: CoreSpec, send, inbox):  # -> EngineLoop
     from engine.engine_loop import EngineLoop
 
     def on_step(outputs, stats) -> None:
@@ -111,27 +117,39 @@ def _build(spec: CoreSpec, send):  # -> EngineLoop
             log.exception("engine core %s could not send a step's outputs", spec.name)
 
     return EngineLoop(build_engine(spec.config, spec.init_method, spec.device), spec.name, on_step=on_step,
-                      on_death=lambda error: send(wire.encode(wire.Dead(error))))
+                      on_death=lambda error: send(wire.encode(wire.Dead(error))), inbox=inbox)
 
 
-def _serve_commands(loop, commands: zmq.Socket, send) -> None:
-    """Until told to stop: run each call on the engine loop; its reply goes out when it completes (on the loop
-    thread, before the next step's outputs)."""
-    while True:
-        command = wire.unpack_command(commands.recv())
-        if command[0] == "stop":
-            loop.stop(command[1])
+def _inbox(commands: zmq.Socket, send, stop: _Stop):
+    """The engine loop's inbox (engine.engine_loop.Inbox): on the loop thread, between steps, every command
+    that has arrived becomes a call (its reply goes out when it completes, on the loop thread, before the next
+    step's outputs); idle, it waits on the socket. No reader thread: one would need the GIL from the busy loop
+    thread for every command (up to a switch interval, 5 ms, each)."""
+
+    def inbox(loop, timeout_s: float) -> None:
+        if timeout_s > 0 and not commands.poll(timeout_s * 1000):
             return
-        _, call_id, op, args = command
+        while not stop.is_set():
+            try:
+                command = wire.unpack_command(commands.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            if command[0] == "stop":
+                stop.timeout_s = command[1]
+                stop.set()  # the main thread stops the loop (a thread cannot join itself)
+                return
+            _, call_id, op, args = command
 
-        def answer(fut, call_id=call_id) -> None:
-            e = fut.exception()
-            send(wire.reply(call_id, e is None, fut.result() if e is None else e))
+            def answer(fut, call_id=call_id) -> None:
+                e = fut.exception()
+                send(wire.reply(call_id, e is None, fut.result() if e is None else e))
 
-        try:
-            loop.call(op, *args).add_done_callback(answer)
-        except Exception as e:  # not an operation
-            send(wire.reply(call_id, False, e))
+            try:
+                loop.call(op, *args).add_done_callback(answer)
+            except Exception as e:  # not an operation
+                send(wire.reply(call_id, False, e))
+
+    return inbox
 
 
 def _beat(loop, send) -> None:
