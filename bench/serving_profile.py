@@ -94,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     dtype = "float32" if args.device == "cpu" else "bfloat16"
     os.makedirs(args.out_dir, exist_ok=True)
-    http_port = free_port()
+    import importlib.util
+
+    # The router's gauges come from its HTTP /metrics, which needs FastAPI (absent: no gauges, the rest runs).
+    http_port = free_port() if importlib.util.find_spec("fastapi") is not None else None
     samples: list[dict[str, float]] = []
     spy = shutil.which("py-spy") or shutil.which("py-spy", path=os.path.dirname(sys.executable))
     with tempfile.TemporaryDirectory() as tmp:
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         serve = ["--model", model, "--load-format", "dummy", "--dtype", dtype, "--device", args.device,
                  "--prefill-workers", "0", "--decode-groups", "1", "--max-num-seqs", str(args.concurrency),
                  "--max-model-len", str(args.max_model_len), "--max-queued-requests", str(args.requests),
-                 "--http-port", str(http_port), *args.serve_args.split()]
+                 *(["--http-port", str(http_port)] if http_port else []), *args.serve_args.split()]
         with Server(serve, os.path.join(tmp, "serve.log"), 900) as target:
             load = subprocess.Popen([sys.executable, "-m", "bench.load", "--target", target, "--concurrency",
                                      str(args.concurrency), "--num-requests", str(args.requests), "--input-len",
@@ -121,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                      for pid in procs] if spy else []
             t0 = time.monotonic()
             while time.monotonic() - t0 < args.profile_s:
-                samples.append(scrape(f"http://127.0.0.1:{http_port}/metrics"))
+                if http_port:
+                    samples.append(scrape(f"http://127.0.0.1:{http_port}/metrics"))
                 time.sleep(0.25)
             usage = {pid: (cpu_seconds(pid) - before[pid]) / (time.monotonic() - t0) for pid in procs
                      if os.path.exists(f"/proc/{pid}")}
