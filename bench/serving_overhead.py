@@ -84,10 +84,16 @@ def engine_alone(model: str, args: argparse.Namespace, dtype: str, concurrency: 
             "tpot_ms": summarize(tpot, 1e3).to_json()}
 
 
+def serve_flags(model: str, args: argparse.Namespace, dtype: str, concurrency: int) -> list[str]:
+    """`kvrelay serve` flags of the served stack these benchmarks load: one decode group running whole requests
+    (no prefill workers) with `concurrency` seats, random weights of `model`'s shape."""
+    return ["--model", model, "--load-format", "dummy", "--dtype", dtype, "--device", args.device,
+            "--prefill-workers", "0", "--decode-groups", "1", "--max-num-seqs", str(concurrency),
+            "--max-model-len", str(args.max_model_len), "--max-queued-requests", str(args.requests)]
+
+
 def through_the_stack(model: str, args: argparse.Namespace, dtype: str, tmp: str, concurrency: int) -> dict:
-    serve = ["--model", model, "--load-format", "dummy", "--dtype", dtype, "--device", args.device,
-             "--prefill-workers", "0", "--decode-groups", "1", "--max-num-seqs", str(concurrency),
-             "--max-model-len", str(args.max_model_len), "--max-queued-requests", str(args.requests)]
+    serve = serve_flags(model, args, dtype, concurrency)
     if args.num_blocks:
         serve += ["--decode-num-blocks", str(args.num_blocks)]
     out = os.path.join(tmp, "bench.json")

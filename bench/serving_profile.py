@@ -23,6 +23,7 @@ import urllib.request
 
 from bench.bench_models import write_config
 from bench.disagg_vs_agg import Server, free_port
+from bench.serving_overhead import serve_flags
 
 ROLES = (("engine_core_proc", "engine core"), ("DecodeRankActor", "decode service"), ("deploy.cli", "router"),
          ("bench.load", "load generator"))
@@ -104,9 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         model = os.path.join(tmp, "model")
         os.makedirs(model)
         write_config(model, args.shape, dtype)
-        serve = ["--model", model, "--load-format", "dummy", "--dtype", dtype, "--device", args.device,
-                 "--prefill-workers", "0", "--decode-groups", "1", "--max-num-seqs", str(args.concurrency),
-                 "--max-model-len", str(args.max_model_len), "--max-queued-requests", str(args.requests),
+        serve = [*serve_flags(model, args, dtype, args.concurrency),
                  *(["--http-port", str(http_port)] if http_port else []), *args.serve_args.split()]
         with Server(serve, os.path.join(tmp, "serve.log"), 900) as target:
             load = subprocess.Popen([sys.executable, "-m", "bench.load", "--target", target, "--concurrency",

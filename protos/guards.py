@@ -49,16 +49,6 @@ def refusing_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, mess
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(streaming, **kw)
 
-    def _streaming(self, handler: grpc.RpcMethodHandler, method: str, kw: dict) -> grpc.RpcMethodHandler:
-        inner = handler.stream_stream
-        if inner is None or not inspect.isasyncgenfunction(inner):
-            return handler  # kvrelay has none such: grpc's behaviour
-
-        async def streaming(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            async for item in inner(_noted(self, method, requests), context):
-                yield item
-
-        return grpc.stream_stream_rpc_method_handler(streaming, **kw)
     if handler.stream_unary is not None:
         return grpc.stream_unary_rpc_method_handler(unary, **kw)
     return grpc.stream_stream_rpc_method_handler(streaming, **kw)

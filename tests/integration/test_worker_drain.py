@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 
 import grpc
 import pytest
 from session_probe import SessionProbe, refused
 from test_worker_restarts import _counter, pid_of
+from threaded_streams import Streams
 
 from client import Client
 from deploy import DEFAULT_MODEL_DIR
@@ -45,38 +45,6 @@ def refs():
     return [llm.generate([p], SamplingParams(**kw))[0].token_ids for p, kw in zip(PROMPTS, PARAMS)]
 
 
-class Streams:
-    """The streams on threads; `started` once each has its first tokens."""
-
-    def __init__(self, target: str) -> None:
-        self.tokens: list[list[int]] = [[] for _ in PROMPTS]
-        self.errors: list[BaseException | None] = [None] * len(PROMPTS)
-        self.firsts = threading.Semaphore(0)
-        self.threads = [threading.Thread(target=self._run, args=(target, i), daemon=True) for i in range(len(PROMPTS))]
-        for t in self.threads:
-            t.start()
-
-    def _run(self, target: str, i: int) -> None:
-        try:
-            with Client(target, timeout=120) as c:
-                for n, chunk in enumerate(c.stream(PROMPTS[i], **PARAMS[i])):
-                    self.tokens[i].extend(chunk.token_ids)
-                    if n == 0:
-                        self.firsts.release()
-        except BaseException as e:
-            self.errors[i] = e
-            self.firsts.release()
-
-    def wait_started(self) -> None:
-        for _ in PROMPTS:
-            assert self.firsts.acquire(timeout=60)
-
-    def join(self) -> None:
-        for t in self.threads:
-            t.join(150)
-            assert not t.is_alive()
-
-
 def load_of(served, name: str):
     return next(x for x in served.loads() if x.name == name)
 
@@ -88,7 +56,7 @@ def test_drained_worker_finishes_its_streams_and_retires(served, refs, victim, h
     served.wait_all_free()
     migrations, retries = _counter(served, "kvrelay:request_migrations_total"), \
         _counter(served, "kvrelay:request_retries_total")
-    streams = Streams(served.target)
+    streams = Streams(served.target, PROMPTS, PARAMS)
     streams.wait_started()
     if victim.startswith("decode"):  # some of the streams are decoding on the victim now
         assert pool.find(victim).view.inflight > 0

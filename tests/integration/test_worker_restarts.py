@@ -15,6 +15,7 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from threaded_streams import Streams
 
 from client import Client
 from deploy import DEFAULT_MODEL_DIR
@@ -59,40 +60,6 @@ def pid_of(actor) -> int:
     return ray.get(actor.__ray_call__.remote(lambda a: os.getpid()), timeout=30)
 
 
-class Streams:
-    """8 streams on threads; `started` is set once every one has its first tokens."""
-
-    def __init__(self, target: str) -> None:
-        self.tokens: list[list[int]] = [[] for _ in PROMPTS]
-        self.errors: list[BaseException | None] = [None] * len(PROMPTS)
-        self.firsts = threading.Semaphore(0)
-        self.threads = [threading.Thread(target=self._run, args=(target, i), daemon=True) for i in range(len(PROMPTS))]
-        for t in self.threads:
-            t.start()
-
-    def _run(self, target: str, i: int) -> None:
-        try:
-            with Client(target, timeout=120) as c:
-                first = True
-                for chunk in c.stream(PROMPTS[i], **PARAMS[i]):
-                    self.tokens[i].extend(chunk.token_ids)
-                    if first:
-                        first = False
-                        self.firsts.release()
-        except BaseException as e:
-            self.errors[i] = e
-            self.firsts.release()
-
-    def wait_started(self) -> None:
-        for _ in PROMPTS:
-            assert self.firsts.acquire(timeout=60)
-
-    def join(self) -> None:
-        for t in self.threads:
-            t.join(150)
-            assert not t.is_alive()
-
-
 @pytest.mark.parametrize("victim", ["prefill", "decode rank 0", "decode rank 1"])
 def test_sigkilled_worker_restarts_and_streams_complete_exactly(served, refs, victim):
     assert served.supervisor is not None
@@ -112,7 +79,7 @@ def test_sigkilled_worker_restarts_and_streams_complete_exactly(served, refs, vi
 
     watcher = threading.Thread(target=watch_health, daemon=True)
     watcher.start()
-    streams = Streams(served.target)
+    streams = Streams(served.target, PROMPTS, PARAMS)
     streams.wait_started()
     os.kill(pid, signal.SIGKILL)
     killed = time.monotonic()
