@@ -22,7 +22,10 @@ from bench.bench_models import SHAPES, copy_bandwidth, head_dim
 from engine.layers.attention import paged_attention
 from engine.layers.attention_context import AttentionMetadata
 
-VARIANTS = {"t64w4": (64, 4), "t32w4": (32, 4), "t128w4": (128, 4), "t64w8": (64, 8), "t128w8": (128, 8)}
+# name -> (tile, num_warps, num_stages, programs per SM the splits aim at); "t64w4s2p2" is the engine's default
+VARIANTS = {f"t{t}w{w}s{s}p{p}": (t, w, s, p) for t, w, s, p in (
+    (64, 4, 2, 2), (64, 4, 3, 2), (64, 4, 4, 2), (32, 4, 3, 2), (128, 4, 3, 2), (128, 8, 3, 2), (64, 8, 3, 2),
+    (64, 4, 3, 4), (64, 4, 3, 8), (32, 4, 3, 4), (128, 4, 3, 4), (16, 4, 4, 4))}
 
 
 def make_case(shape: str, batch: int, ctx: int, block_size: int = 16, seed: int = 0):
@@ -52,7 +55,7 @@ def measure(shape: str, b: int, ctx: int, variants: list[str]) -> dict[str, floa
     """Median ms per call of each kernel variant and of the torch path, after checking they agree."""
     from triton.testing import do_bench_cudagraph
 
-    from engine.layers.triton_paged_attention import paged_decode_attention
+    from engine.layers.triton_paged_attention import _num_sms, num_splits, paged_decode_attention
 
     q, kc, vc, tables, lens = make_case(shape, b, ctx)
     scale = head_dim(shape) ** -0.5
@@ -60,10 +63,12 @@ def measure(shape: str, b: int, ctx: int, variants: list[str]) -> dict[str, floa
     ref = paged_attention(q, kc, vc, meta, scale, None).float()
     times = {}
     for name in variants:
-        tile, warps = VARIANTS[name]
+        tile, warps, stages, per_sm = VARIANTS[name]
+        splits = num_splits(b, kc.shape[2], _num_sms(q.device.index), per_sm)
 
-        def run(tile: int = tile, warps: int = warps) -> torch.Tensor:
-            return paged_decode_attention(q, kc, vc, tables, lens, scale, None, tile=tile, num_warps=warps)
+        def run(tile: int = tile, warps: int = warps, stages: int = stages, splits: int = splits) -> torch.Tensor:
+            return paged_decode_attention(q, kc, vc, tables, lens, scale, None, splits=splits, tile=tile,
+                                          num_warps=warps, num_stages=stages)
 
         err = ((run().float() - ref).norm() / ref.norm()).item()
         if not err < 2e-2:

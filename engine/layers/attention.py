@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.layers.attention_context import AttentionMetadata, get_attention_metadata
+from engine.layers.fused_ops import fused_kernels
 
 
 def _mask(meta: AttentionMetadata, kv_len: int, window: int | None) -> torch.Tensor:
@@ -96,6 +97,20 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+
+    def forward_rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       rotary: nn.Module) -> torch.Tensor:
+        """`rotary(positions, q, k)`, then `forward`. A pure-decode step on CUDA rotates q and k while it stores
+        K/V (one kernel instead of two per layer: the rotated k is only ever read back from the cache)."""
+        meta = get_attention_metadata()
+        if meta.paged_decode and (fused := fused_kernels(q)) is not None:
+            q = fused.rope_and_store(positions, q, k, v, rotary.cos, rotary.sin, self.k_cache, self.v_cache,
+                                     meta.slot_mapping)
+            if meta.on_layer_kv_written is not None:
+                meta.on_layer_kv_written(self.layer_idx)
+            return self._attend(q, k, v, meta).reshape(q.shape[0], self.num_heads * self.head_dim)
+        q, k = rotary(positions, q, k)
+        return self.forward(q, k, v)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: [T, H, D]; k, v: [T, Hkv, D] -> [T, H * D]

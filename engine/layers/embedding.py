@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.distributed.parallel_state import get_tp
+from engine.layers.fused_ops import one_row_kernels
 from engine.layers.weight_utils import copy_into, expect_shape, read_shard
 
 
@@ -48,7 +49,10 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [num_seqs, dim] -> logits [num_seqs, vocab_size]
-        logits = F.linear(hidden, self.weight)
+        if (k := one_row_kernels(hidden)) is not None and k.prefers_skinny(*self.weight.shape):
+            logits = k.skinny_linear(hidden, self.weight)  # batch-1 decode
+        else:
+            logits = F.linear(hidden, self.weight)
         if self.tp_size > 1:
             parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
             dist.all_gather(parts, logits, group=self.group)

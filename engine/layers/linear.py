@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.distributed.parallel_state import get_tp
+from engine.layers.fused_ops import one_row_kernels
 from engine.layers.weight_utils import copy_into, expect_shape, read_shard
 
 
@@ -38,6 +39,12 @@ class _Linear(nn.Module):
     def load_weight(self, param: nn.Parameter, src: Any, shard_id: Any = None) -> None:
         raise NotImplementedError
 
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T (no bias): a batch-1 decode row through the Triton one-row kernel where it beats cuBLAS."""
+        if (k := one_row_kernels(x)) is not None and k.prefers_skinny(*self.weight.shape):
+            return k.skinny_linear(x, self.weight)
+        return F.linear(x, self.weight)
+
 
 class ColumnParallelLinear(_Linear):
     """y[:, shard] = x @ W[shard].T (+ b[shard]); output stays split over ranks."""
@@ -54,7 +61,9 @@ class ColumnParallelLinear(_Linear):
         copy_into(param, read_shard(src, 0, self.tp_rank * n, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        if self.bias is not None:
+            return F.linear(x, self.weight, self.bias)
+        return self.matmul(x)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -129,7 +138,7 @@ class RowParallelLinear(_Linear):
         copy_into(param, read_shard(src, 1, self.tp_rank * n, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = self.matmul(x)
         if self.tp_size > 1:
             dist.all_reduce(y, group=self.group)
         if self.bias is not None:

@@ -46,40 +46,46 @@ def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tenso
 
 
 @triton.jit
-def _rotate(src, dst, t, s_t, s_h, c1, c2, s1, s2, NH: tl.constexpr, NH_P: tl.constexpr, HALF: tl.constexpr,
+def _rotate(src, dst, s_h, s_dh, c1, c2, s1, s2, ok, NH: tl.constexpr, NH_P: tl.constexpr, HALF: tl.constexpr,
             HALF_P: tl.constexpr):
-    # "Rotate half" layout, every head of token t: for d < HALF,
+    # "Rotate half" layout, every head of one token (src, dst at its first head; heads s_h / s_dh apart); d < HALF:
     # out[d] = x[d] cos[d] - x[d + HALF] sin[d];  out[d + HALF] = x[d + HALF] cos[d + HALF] + x[d] sin[d + HALF]
     h = tl.arange(0, NH_P)[:, None]
     d = tl.arange(0, HALF_P)[None, :]
-    m = (h < NH) & (d < HALF)
+    m = (h < NH) & (d < HALF) & ok
     dtype = dst.dtype.element_ty
-    x1 = tl.load(src + t * s_t + h * s_h + d, mask=m).to(tl.float32)
-    x2 = tl.load(src + t * s_t + h * s_h + HALF + d, mask=m).to(tl.float32)
+    x1 = tl.load(src + h * s_h + d, mask=m).to(tl.float32)
+    x2 = tl.load(src + h * s_h + HALF + d, mask=m).to(tl.float32)
     o1 = (x1 * c1).to(dtype).to(tl.float32) + (-x2 * s1).to(dtype).to(tl.float32)
     o2 = (x2 * c2).to(dtype).to(tl.float32) + (x1 * s2).to(dtype).to(tl.float32)
-    out = dst + (t * NH + h) * (2 * HALF) + d  # outputs are contiguous [T, NH, 2 * HALF]
+    out = dst + h * s_dh + d
     tl.store(out, o1.to(dtype), mask=m)
     tl.store(out + HALF, o2.to(dtype), mask=m)
+
+
+@triton.jit
+def _cos_sin(pos_ptr, cos_ptr, sin_ptr, t, s_cos, dtype, HALF: tl.constexpr, HALF_P: tl.constexpr):
+    # The position's cos/sin halves, rounded to the activation dtype like `.to(q.dtype)`: 4 x [1, HALF_P]
+    p = tl.load(pos_ptr + t)
+    d = tl.arange(0, HALF_P)[None, :]
+    dm = d < HALF
+    c1 = tl.load(cos_ptr + p * s_cos + d, mask=dm).to(dtype).to(tl.float32)
+    c2 = tl.load(cos_ptr + p * s_cos + HALF + d, mask=dm).to(dtype).to(tl.float32)
+    s1 = tl.load(sin_ptr + p * s_cos + d, mask=dm).to(dtype).to(tl.float32)
+    s2 = tl.load(sin_ptr + p * s_cos + HALF + d, mask=dm).to(dtype).to(tl.float32)
+    return c1, c2, s1, s2
 
 
 @triton.jit
 def _rope_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, s_qt, s_qh, s_kt, s_kh, s_cos,
                  H: tl.constexpr, HKV: tl.constexpr, H_P: tl.constexpr, HKV_P: tl.constexpr, HALF: tl.constexpr,
                  HALF_P: tl.constexpr):
-    # One program per token: its position's cos/sin (rounded to the activation dtype like `.to(q.dtype)`), then
-    # every q head and every k head.
+    # One program per token: its position's cos/sin, then every q head and every k head (outputs contiguous).
     t = tl.program_id(0)
-    p = tl.load(pos_ptr + t)
-    d = tl.arange(0, HALF_P)[None, :]
-    dm = d < HALF
-    dtype = qo_ptr.dtype.element_ty
-    c1 = tl.load(cos_ptr + p * s_cos + d, mask=dm).to(dtype).to(tl.float32)
-    c2 = tl.load(cos_ptr + p * s_cos + HALF + d, mask=dm).to(dtype).to(tl.float32)
-    s1 = tl.load(sin_ptr + p * s_cos + d, mask=dm).to(dtype).to(tl.float32)
-    s2 = tl.load(sin_ptr + p * s_cos + HALF + d, mask=dm).to(dtype).to(tl.float32)
-    _rotate(q_ptr, qo_ptr, t, s_qt, s_qh, c1, c2, s1, s2, H, H_P, HALF, HALF_P)
-    _rotate(k_ptr, ko_ptr, t, s_kt, s_kh, c1, c2, s1, s2, HKV, HKV_P, HALF, HALF_P)
+    c1, c2, s1, s2 = _cos_sin(pos_ptr, cos_ptr, sin_ptr, t, s_cos, qo_ptr.dtype.element_ty, HALF, HALF_P)
+    _rotate(q_ptr + t * s_qt, qo_ptr + t * H * 2 * HALF, s_qh, 2 * HALF, c1, c2, s1, s2, True, H, H_P, HALF, HALF_P)
+    _rotate(k_ptr + t * s_kt, ko_ptr + t * HKV * 2 * HALF, s_kh, 2 * HALF, c1, c2, s1, s2, True, HKV, HKV_P, HALF,
+            HALF_P)
 
 
 def rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
@@ -95,6 +101,45 @@ def rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.T
                        HKV_P=triton.next_power_of_2(hkv), HALF=d // 2,
                        HALF_P=triton.next_power_of_2(d // 2), num_warps=4)
     return qo, ko
+
+
+@triton.jit
+def _rope_store_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr, slot_ptr,
+                       s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_cos, s_cb, s_ct, s_ch,
+                       BLOCK_SIZE: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, H_P: tl.constexpr,
+                       HKV_P: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr):
+    # One program per token: rotate its q heads into qo (contiguous [T, H, D]); rotate its k heads and copy its v
+    # heads straight into cache slot slot_mapping[t] (none when the slot is < 0: a padded row).
+    t = tl.program_id(0)
+    c1, c2, s1, s2 = _cos_sin(pos_ptr, cos_ptr, sin_ptr, t, s_cos, qo_ptr.dtype.element_ty, HALF, HALF_P)
+    _rotate(q_ptr + t * s_qt, qo_ptr + t * H * 2 * HALF, s_qh, 2 * HALF, c1, c2, s1, s2, True, H, H_P, HALF, HALF_P)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    ok = slot >= 0
+    dst = (slot // BLOCK_SIZE) * s_cb + (slot % BLOCK_SIZE) * s_ct
+    _rotate(k_ptr + t * s_kt, kc_ptr + dst, s_kh, s_ch, c1, c2, s1, s2, ok, HKV, HKV_P, HALF, HALF_P)
+    h = tl.arange(0, HKV_P)[:, None]
+    d = tl.arange(0, 2 * HALF_P)[None, :]
+    m = (h < HKV) & (d < 2 * HALF) & ok
+    tl.store(vc_ptr + dst + h * s_ch + d, tl.load(v_ptr + t * s_vt + h * s_vh + d, mask=m), mask=m)
+
+
+def rope_and_store(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> torch.Tensor:
+    """`rope` then the paged-decode KV store in one kernel (decode: the rotated k is only ever read from the cache).
+    q: [T, H, D], k, v: [T, Hkv, D] (last dim contiguous); caches [num_blocks, block_size, Hkv, D]; slot_mapping
+    [T]. Returns the rotated q, contiguous [T, H, D]; k and v land in the caches exactly as `rope` + `store_kv`."""
+    t, h, d = q.shape
+    hkv = k.shape[1]
+    assert k_cache.stride(3) == 1 and v_cache.stride() == k_cache.stride()
+    qo = torch.empty(t, h, d, dtype=q.dtype, device=q.device)
+    _rope_store_kernel[(t,)](q, k, v, positions, cos, sin, qo, k_cache, v_cache, slot_mapping,
+                             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                             cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                             BLOCK_SIZE=k_cache.shape[1], H=h, HKV=hkv, H_P=triton.next_power_of_2(h),
+                             HKV_P=triton.next_power_of_2(hkv), HALF=d // 2,
+                             HALF_P=triton.next_power_of_2(d // 2), num_warps=4)
+    return qo
 
 
 @triton.jit

@@ -130,9 +130,9 @@ def _merge_kernel(part_ptr, ml_ptr, out_ptr, s_ot, s_oh,
     tl.store(out_ptr + b * s_ot + h * s_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
-def num_splits(num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
-    """Splits per sequence so that about two programs per SM exist (1 once the batch fills the GPU alone)."""
-    want = -(-2 * num_sms // (num_seqs * num_kv_heads))
+def num_splits(num_seqs: int, num_kv_heads: int, num_sms: int, per_sm: int = 2) -> int:
+    """Splits per sequence so that about `per_sm` programs per SM exist (1 once the batch fills the GPU alone)."""
+    want = -(-per_sm * num_sms // (num_seqs * num_kv_heads))
     return max(1, min(16, triton.next_power_of_2(want)))
 
 
@@ -144,11 +144,12 @@ def _num_sms(device_index: int) -> int:
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            window: int | None, splits: int | None = None, tile: int | None = None,
-                           num_warps: int = 4) -> torch.Tensor:
+                           num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """One new query per sequence. q: [B, H, D]; caches: [num_blocks, block_size, Hkv, D]; block_tables:
     [B, max_blocks] (entries past a sequence's length are never read); seq_lens: [B] tokens of KV including this
     step's. Returns [B, H, D] in q's dtype. Launch shapes depend on B and the model only (graph-capturable).
-    `splits`, `tile` (tokens per loop iteration) and `num_warps` override the defaults (for benchmarks)."""
+    `splits`, `tile` (tokens per loop iteration), `num_warps` and `num_stages` override the defaults (for
+    benchmarks)."""
     bsz, h, d = q.shape
     hkv = k_cache.shape[2]
     g = h // hkv
@@ -169,7 +170,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         out.stride(0), out.stride(1),
         BLOCK_SIZE=k_cache.shape[1], G=g, G_P=max(16, triton.next_power_of_2(g)), D=d, D_P=d_p, TILE=tile,
         WINDOW=window or 0, SPLITS=splits, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=2,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if splits > 1:
         _merge_kernel[(bsz, h)](part, ml, out, out.stride(0), out.stride(1), D=d, D_P=d_p, SPLITS=splits)

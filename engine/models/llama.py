@@ -13,7 +13,7 @@ from torch import nn
 from engine.config import ModelConfig
 from engine.layers.attention import Attention
 from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from engine.layers.fused_ops import fused_kernels
+from engine.layers.fused_ops import fused_kernels, one_row_kernels
 from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
@@ -33,11 +33,14 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         # x: [T, hidden] -> [T, hidden]
-        t, d = x.shape[0], self.head_dim
-        qkv = self.qkv_proj(x)  # [T, (H + 2 * Hkv) * D] (this rank's heads)
+        return self.forward_qkv(positions, self.qkv_proj(x))
+
+    def forward_qkv(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
+        # qkv: [T, (H + 2 * Hkv) * D] (this rank's heads) -> [T, hidden]
+        t, d = qkv.shape[0], self.head_dim
         q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
-        q, k = self.rotary(positions, q.view(t, self.num_heads, d), k.view(t, self.num_kv_heads, d))
-        return self.o_proj(self.attn(q, k, v.view(t, self.num_kv_heads, d)))
+        q, k, v = q.view(t, self.num_heads, d), k.view(t, self.num_kv_heads, d), v.view(t, self.num_kv_heads, d)
+        return self.o_proj(self.attn.forward_rotary(positions, q, k, v, self.rotary))
 
 
 class LlamaMLP(nn.Module):
@@ -65,8 +68,15 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(positions, h)
+        qkv_proj = self.self_attn.qkv_proj
+        if (k := one_row_kernels(x)) is not None and qkv_proj.bias is None and k.prefers_skinny(*qkv_proj.weight.shape):
+            # batch-1 decode: the input norm runs inside the q/k/v matmul (one kernel instead of two)
+            qkv, residual = k.norm_linear(x, residual, self.input_layernorm.weight, self.input_layernorm.eps,
+                                          qkv_proj.weight)
+            h = self.self_attn.forward_qkv(positions, qkv)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+            h = self.self_attn(positions, h)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 

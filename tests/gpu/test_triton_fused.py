@@ -81,3 +81,31 @@ def test_silu_and_mul(dtype, n):
     x = (torch.randn(3, 2 * n, generator=torch.Generator().manual_seed(n)) * 4).to(dtype)
     gate, up = x.chunk(2, dim=-1)
     close(silu_and_mul(x.to(DEVICE)), torch.nn.functional.silu(gate) * up)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 16), (32, 8, 128), (12, 4, 80)])
+def test_rope_and_store_equals_rope_then_store(dtype, heads, kv_heads, head_dim):
+    """The decode path's one kernel writes exactly what `rope` + `store_kv` write: the rotated q, and the rotated
+    k and the v in their cache slots, bit for bit; a padded row (slot -1) writes nothing."""
+    from engine.layers.triton_fused import rope, rope_and_store
+    from engine.layers.triton_paged_attention import store_kv
+
+    g = torch.Generator().manual_seed(heads + head_dim)
+    rot = RotaryEmbedding(head_dim, RopeConfig(theta=500000.0, kind="llama3", factor=8.0), 4096)
+    t, block_size, num_blocks = 6, 16, 5
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * head_dim, generator=g).to(dtype).to(DEVICE)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k, v = q.view(t, heads, head_dim), k.view(t, kv_heads, head_dim), v.view(t, kv_heads, head_dim)
+    pos = torch.tensor([0, 5, 17, 1000, 4095, 3], device=DEVICE)
+    slots = torch.tensor([3, 16, -1, 79, 40, 0], device=DEVICE)
+    cos, sin = rot.cos.to(DEVICE), rot.sin.to(DEVICE)
+    caches = [torch.full((num_blocks, block_size, kv_heads, head_dim), 7.0, dtype=dtype, device=DEVICE)
+              for _ in range(4)]
+    ref_q, ref_k = rope(pos, q, k, cos, sin)
+    store_kv(ref_k, v, caches[0], caches[1], slots)
+    out_q = rope_and_store(pos, q, k, v, cos, sin, caches[2], caches[3], slots)
+    assert torch.equal(out_q, ref_q)
+    assert torch.equal(caches[2], caches[0]) and torch.equal(caches[3], caches[1])
+    written = (caches[2] != 7.0).any(-1).any(-1).flatten().nonzero().flatten().tolist()
+    assert written == [0, 3, 16, 40, 79]  # the five real rows' slots, nothing for the padded one
