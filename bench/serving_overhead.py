@@ -101,7 +101,7 @@ def through_the_stack(model: str, args: argparse.Namespace, dtype: str, tmp: str
         subprocess.run([sys.executable, "-m", "bench.load", "--target", target, "--concurrency",
                         str(concurrency), "--num-requests", str(args.requests), "--warmup", str(args.warmup),
                         "--input-len", str(args.input_len), "--output-len", str(args.output_len), "--output-len-range",
-                        str(args.output_len_range), "--ignore-eos",
+                        str(args.output_len_range), "--ignore-eos", "--processes", str(args.load_processes),
                         "--seed", "0", "--quiet", "--out", out], check=True, stdout=subprocess.DEVNULL, timeout=1800)
     with open(out) as f:
         doc = json.load(f)
@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="output lengths uniform in len*(1 +- R), in both runs (0: all equal, whose closed loop "
                         "settles into waves of requests that start and end together)")
     p.add_argument("--warmup", type=int, default=8)
+    p.add_argument("--load-processes", type=int, default=1, metavar="N",
+                   help="client processes of the load generator (its --processes): more when its CPU is the ceiling")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--num-blocks", type=int, default=None, help="KV blocks (default: sized from memory)")
     p.add_argument("--out", default=None)

@@ -27,6 +27,7 @@ EXAMPLES = """examples:
   kvrelay bench --concurrency 16 --duration 60 --num-prefixes 8 --questions-per-prefix 32 --prefix-len 1024
   kvrelay bench --rate 2 --dataset ShareGPT_V3.json --tokenizer path/to/model --out results.json --plot plots/
   kvrelay bench --sweep --slo-ttft-ms 500 --slo-tpot-ms 50 --attainment 0.9 --num-requests 100 --ignore-eos
+  kvrelay bench --concurrency 256 --processes 4 --num-requests 2048 --output-len 128 --ignore-eos
 """
 
 
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--duration", type=float, metavar="S", help="stop sending after this many seconds")
     g.add_argument("--warmup", type=int, metavar="N", default=0, help="unmeasured requests sent first")
     g.add_argument("--timeout", type=float, metavar="S", help="per-request deadline in seconds")
+    g.add_argument("--processes", type=int, metavar="N", default=1,
+                   help="split the load over N client processes, merged into one report (when one client "
+                   "process's CPU is the ceiling, e.g. hundreds of streams)")
     g = p.add_argument_group("workload (random by default; shared-prefix with --num-prefixes; "
                              "ShareGPT with --dataset)")
     g.add_argument("--input-len", type=int, metavar="N", default=128, help="prompt (shared-prefix: question) tokens")
@@ -120,7 +124,7 @@ def config_from_args(a: argparse.Namespace) -> BenchConfig:
     if num_requests is None and a.duration is None:
         num_requests = workload.default_num_requests
     load = LoadConfig(rate=rate, burstiness=a.burstiness, concurrency=a.concurrency, num_requests=num_requests,
-                      duration=a.duration, warmup=a.warmup)
+                      duration=a.duration, warmup=a.warmup, processes=a.processes)
     return BenchConfig(target=a.target, workload=workload, load=load,
                        sampling=SamplingConfig(ignore_eos=a.ignore_eos, temperature=a.temperature),
                        slo=SLO(a.slo_ttft_ms, a.slo_tpot_ms), sweep=sweep, timeout=a.timeout, out=a.out,
@@ -130,18 +134,10 @@ def config_from_args(a: argparse.Namespace) -> BenchConfig:
 
 async def _run(cfg: BenchConfig) -> int:
     from bench.load.command import run_bench
+    from bench.load.connect import open_client
 
-    if cfg.backend == "openai":
-        from bench.load.openai_backend import OpenAIClient
-
-        assert cfg.base_url is not None
-        async with OpenAIClient(cfg.base_url, cfg.model, cfg.api_key, cfg.workload.tokenizer) as oai:
-            outcome = await run_bench(cfg, oai)
-    else:
-        from client import AsyncClient  # the SDK pulls in grpc: imported only when a run really starts
-
-        async with AsyncClient(cfg.target, api_key=cfg.api_key) as client:
-            outcome = await run_bench(cfg, client)
+    async with open_client(cfg) as client:
+        outcome = await run_bench(cfg, client)
     print(outcome.table, flush=True)
     # Failed requests are reported, not fatal; a run where none succeeded measured nothing, which is.
     return 0 if outcome.completed else 1

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.load.config import BenchConfig
+from bench.load.connect import MODEL_INFO_TIMEOUT_S
 from bench.load.metrics import compute_metrics
+from bench.load.processes import drive
 from bench.load.report import format_sweep_table, format_table, result_json, run_json, sweep_json, write_json
-from bench.load.runner import RunOptions, run_load
+from bench.load.runner import RunOptions
 from bench.load.sweep import run_sweep
 from bench.load.workloads import ModelLimits, build_workload
-
-MODEL_INFO_TIMEOUT_S = 30.0  # a deployment that cannot describe itself in this long is not ready to measure
 
 
 @dataclass
@@ -38,7 +38,7 @@ async def run_bench(cfg: BenchConfig, client: Any) -> Outcome:
         completed = sum(p.metrics.completed for p in sweep.points)
     else:
         opts = RunOptions(seed=cfg.workload.seed, timeout=cfg.timeout, progress=not cfg.quiet)
-        run = await run_load(client, workload, cfg.load, cfg.sampling, opts)
+        run = await drive(cfg, client, workload, cfg.load, opts)
         metrics = compute_metrics(run.records, run.duration_s, cfg.slo)
         body, table, completed = run_json(metrics, run), format_table(cfg, metrics, info.model), metrics.completed
     doc = result_json(cfg, model, workload.describe(), body)

@@ -59,7 +59,8 @@ class LoadConfig:
     """How requests are sent. Open loop: arrivals at `rate` req/s (gamma gaps, `burstiness` 1 = Poisson), optionally
     capped at `concurrency` in flight. Closed loop (`rate` None): `concurrency` requests always in flight. The run
     stops after `num_requests`, or once `duration` s have passed, whichever comes first; requests in flight then
-    finish and count. `warmup` requests go first and are not measured."""
+    finish and count. `warmup` requests go first and are not measured. `processes` > 1 splits all of it over that
+    many worker processes (shares.py says how) and merges their records into one run."""
 
     rate: float | None = None
     burstiness: float = 1.0
@@ -67,6 +68,7 @@ class LoadConfig:
     num_requests: int | None = None
     duration: float | None = None
     warmup: int = 0
+    processes: int = 1  # client processes sending the load (the client's own CPU is the ceiling at one)
 
     def __post_init__(self) -> None:
         if self.rate is None and self.concurrency is None:
@@ -87,6 +89,11 @@ class LoadConfig:
             raise ValueError("--rate inf sends everything at once: it needs --num-requests, not only --duration")
         if self.warmup < 0:
             raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.processes < 1:
+            raise ValueError(f"--processes must be >= 1, got {self.processes}")
+        for name, v in (("--concurrency", self.concurrency), ("--num-requests", self.num_requests)):
+            if v is not None and v < self.processes:  # every worker needs a request in flight, or one to send
+                raise ValueError(f"{name} {v} is fewer than --processes {self.processes}: use fewer processes")
 
     @property
     def open_loop(self) -> bool:

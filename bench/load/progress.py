@@ -5,12 +5,20 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import Protocol, TextIO
 
 from bench.load.records import RequestRecord
 
 _WIDTH = 30
 _REDRAW_S = 0.1  # terminal redraw limit: a fast run completes thousands of requests per second
+
+
+class ProgressSink(Protocol):
+    """What the runner tells of each finished request: a Progress, or a worker process's shared counters."""
+
+    def update(self, rec: RequestRecord) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class Progress:
@@ -35,9 +43,13 @@ class Progress:
         return min(1.0, max(parts)) if parts else 0.0  # the run ends at whichever limit comes first
 
     def update(self, rec: RequestRecord) -> None:
-        self.done += 1
-        self.errors += not rec.ok
-        if not self.enabled:
+        self.set(self.done + 1, self.errors + (not rec.ok))
+
+    def set(self, done: int, errors: int) -> None:
+        """The counts so far (of worker processes, which count for a parent's bar); redraws as `update` does."""
+        changed = done != self.done
+        self.done, self.errors = done, errors
+        if not self.enabled or not changed:
             return
         now = time.perf_counter()
         if self.tty:

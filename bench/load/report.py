@@ -61,7 +61,7 @@ def describe_load(load: LoadConfig) -> str:
         dist = "Poisson" if load.burstiness == 1.0 else f"gamma, burstiness {load.burstiness:g}"
         s = f"open loop, {load.rate:g} req/s ({dist})"
         s += f", at most {load.concurrency} in flight" if load.concurrency else ""
-    return s
+    return s + (f", {load.processes} client processes" if load.processes > 1 else "")
 
 
 def describe_slo(slo: SLO) -> str:

@@ -13,17 +13,19 @@ from bench.load import seeding
 from bench.load.arrivals import arrival_times
 from bench.load.config import LoadConfig, SamplingConfig
 from bench.load.measure import measure_request
-from bench.load.progress import Progress
+from bench.load.progress import Progress, ProgressSink
 from bench.load.records import RequestRecord
+from bench.load.shares import Share
 from bench.load.workloads import Workload
 
 SendFn = Callable[[int], Awaitable[RequestRecord]]  # sends the i-th measured request, returns its record
+StartFn = Callable[[], Awaitable[float]]  # waits for the measured part to start; returns its t0 (perf_counter)
 
 
 @dataclass
 class RunResult:
     records: list[RequestRecord]  # the measured requests, in index order
-    duration_s: float  # from the first measured send until the last measured request ended
+    duration_s: float  # from the start (t0) until the last measured request ended
     warmup: list[RequestRecord]  # the warm-up requests (not in any statistic)
 
 
@@ -37,6 +39,7 @@ class RunOptions:
     arrivals_key: int = 0  # which arrival stream of the seed: a sweep gives each point its own
     label: str = "bench"  # progress bar label
     progress: bool = True
+    share: Share | None = None  # a worker process's share of the run's requests (and its own arrivals); None: all
 
 
 def sampling_kwargs(sampling: SamplingConfig, seed: int, index: int) -> dict[str, Any]:
@@ -47,15 +50,23 @@ def sampling_kwargs(sampling: SamplingConfig, seed: int, index: int) -> dict[str
     return kw
 
 
+def _index(opts: RunOptions, i: int) -> int:
+    """The workload index of this run's i-th request."""
+    return opts.index_offset + (i if opts.share is None else opts.share.index(i))
+
+
 async def run_load(client: Any, workload: Workload, load: LoadConfig, sampling: SamplingConfig,
-                   opts: RunOptions = RunOptions()) -> RunResult:
-    """Warm up, then measure. `client` is an `AsyncClient` (or anything with its `stream`)."""
+                   opts: RunOptions = RunOptions(), *, start: StartFn | None = None,
+                   progress: ProgressSink | None = None) -> RunResult:
+    """Warm up, then measure. `client` is an `AsyncClient` (or anything with its `stream`). `start` (a worker
+    process's) waits for the common start of all workers and gives its time; `progress` replaces the bar."""
     warm = await _warmup(client, workload, load, sampling, opts) if load.warmup else []
-    progress = Progress(opts.label, load.num_requests, load.duration, enabled=opts.progress)
-    t0 = time.perf_counter()
+    t0 = await start() if start is not None else time.perf_counter()
+    if progress is None:
+        progress = Progress(opts.label, load.num_requests, load.duration, enabled=opts.progress)
 
     async def one(i: int) -> RequestRecord:
-        idx = opts.index_offset + i
+        idx = _index(opts, i)
         rec = await measure_request(client, workload.request(idx), idx, t0, sampling_kwargs(sampling, opts.seed, idx),
                                     opts.timeout)
         progress.update(rec)
@@ -89,7 +100,9 @@ async def _open_loop(one: SendFn, load: LoadConfig, opts: RunOptions, t0: float)
         async with sem:
             return await one(i)
 
-    rng = seeding.rng(opts.seed, seeding.ARRIVALS, opts.arrivals_key)
+    # A worker process draws its own stream, keyed by its place among the workers.
+    keys = () if opts.share is None else (opts.share.workers, opts.share.worker)
+    rng = seeding.rng(opts.seed, seeding.ARRIVALS, opts.arrivals_key, *keys)
     tasks: list[asyncio.Task[RequestRecord]] = []
     for i, at in enumerate(arrival_times(load.rate, load.burstiness, rng)):
         if not _more(i, at, load):
@@ -117,12 +130,14 @@ async def _closed_loop(one: SendFn, load: LoadConfig, t0: float) -> list[Request
 
 async def _warmup(client: Any, workload: Workload, load: LoadConfig, sampling: SamplingConfig,
                   opts: RunOptions) -> list[RequestRecord]:
-    """`load.warmup` requests from the workload's warm-up sequence, `load.concurrency` (or 1) at a time."""
+    """`load.warmup` requests from the workload's warm-up sequence (this worker's share of it), `load.concurrency`
+    (or 1) at a time."""
     progress = Progress("warm-up", load.warmup, None, enabled=opts.progress)
     sem = asyncio.Semaphore(load.concurrency or 1)
     t0 = time.perf_counter()
 
-    async def one(i: int) -> RequestRecord:
+    async def one(k: int) -> RequestRecord:
+        i = k if opts.share is None else opts.share.index(k)
         async with sem:
             rec = await measure_request(client, workload.request(i, warmup=True), i, t0,
                                         sampling_kwargs(sampling, opts.seed, i), opts.timeout)

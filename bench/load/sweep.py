@@ -8,8 +8,9 @@ from typing import Any
 
 from bench.load.config import BenchConfig
 from bench.load.metrics import Metrics, compute_metrics
+from bench.load.processes import drive
 from bench.load.rate_search import RateSearch
-from bench.load.runner import RunOptions, RunResult, run_load
+from bench.load.runner import RunOptions, RunResult
 from bench.load.workloads import Workload
 
 
@@ -45,7 +46,7 @@ async def run_sweep(client: Any, workload: Workload, cfg: BenchConfig) -> SweepR
         load = replace(cfg.load, rate=rate, warmup=cfg.load.warmup if k == 0 else 0)
         opts = RunOptions(seed=cfg.workload.seed, timeout=cfg.timeout, index_offset=sent, arrivals_key=k,
                           label=f"rate {rate:.4g}", progress=not cfg.quiet)
-        run = await run_load(client, workload, load, cfg.sampling, opts)
+        run = await drive(cfg, client, workload, load, opts)  # over cfg.load.processes workers, as every run
         sent += len(run.records)
         m = compute_metrics(run.records, run.duration_s, cfg.slo)
         met = m.slo_attainment >= cfg.sweep.attainment

@@ -101,3 +101,41 @@ def test_sweep_reports_every_point(kvrelay_target, tmp_path, capsys):
     for p in sweep["points"]:
         assert p["metrics"]["completed"] + p["metrics"]["failed"] == 3
         assert p["metrics"]["goodput"] <= p["metrics"]["request_throughput"] + 1e-9
+
+
+def test_processes_split_a_closed_loop_into_the_single_process_requests(kvrelay_target, tmp_path, capsys):
+    # Lengths vary per request (index -> lengths is a function of the seed), so equal records mean equal requests.
+    flags = ["--target", kvrelay_target, "--concurrency", "3", "--num-requests", "8", "--input-len", "8",
+             "--input-len-range", "0.5", "--output-len", "6", "--output-len-range", "0.5", "--ignore-eos",
+             "--warmup", "2", "--seed", "3"]
+    docs = {}
+    for n in (1, 2):
+        out = tmp_path / f"processes-{n}.json"
+        assert main([*flags, "--processes", str(n), "--out", str(out), *(["--quiet"] if n == 1 else [])]) == 0
+        docs[n] = json.loads(out.read_text())
+    captured = capsys.readouterr()
+    assert "starting 2 load processes" in captured.err and "bench [" in captured.err  # the parent's bar
+    assert "2 client processes" in captured.out  # the table's load line
+
+    one, two = docs[1], docs[2]
+    assert two["config"]["load"]["processes"] == 2 and set(two["metrics"]) == METRIC_KEYS
+    m, reqs = two["metrics"], two["requests"]
+    assert m["requested"] == m["completed"] == 8 and m["failed"] == 0, two["errors"]
+    assert two["warmup"] == {"requests": 2, "failed": 0}
+
+    def key(r: dict) -> tuple:
+        return r["index"], r["prompt_len"], r["output_len"]
+
+    assert [r["index"] for r in reqs] == list(range(8))  # each request sent once, by one worker
+    assert [key(r) for r in reqs] == [key(r) for r in one["requests"]]  # ... and the single process's requests
+    assert len({r["request_id"] for r in reqs}) == 8 and len({r["output_len"] for r in reqs}) > 1
+    for r in reqs:  # --ignore-eos: exactly the lengths asked for
+        assert r["ok"] and r["output_tokens"] == r["output_len"] == r["completion_tokens"]
+        assert r["prompt_tokens"] == r["prompt_len"] and r["finish_reason"] == "length"
+    assert m["total_output_tokens"] == sum(r["output_len"] for r in reqs)
+    assert m["request_throughput"] * m["duration_s"] == pytest.approx(8)
+    # One run's clock: every record from the common start, the duration to the last worker's last response.
+    assert min(r["start_s"] for r in reqs) >= 0
+    assert max(r["start_s"] + r["end_s"] for r in reqs) <= m["duration_s"] + 1e-6
+    check_summary(m["tpot_ms"], 8)
+    check_summary(m["itl_ms"], sum(len(r["chunk_tokens"]) - 1 for r in reqs))
