@@ -9,9 +9,10 @@ of the tokens (and logprobs) to the host. `execute` returns at once with a `Pend
 for that copy: the step's one host synchronisation, which async scheduling defers until the next step is queued.
 
 On CUDA, pure-decode steps (one new token per sequence) take a fast path: the Triton paged-attention kernels,
-replayed as a CUDA graph of the padded batch when the step needs no per-layer hook. `RuntimeConfig` switches them
-(enforce_eager disables the graphs, decode_kernel=False the Triton decode path and with it the graphs). CPU,
-prefill and mixed steps always run the portable torch path.
+replayed as a CUDA graph of the padded batch when the step needs no per-layer hook. A mixed step's decode rows
+replay that graph too, its prompts run eagerly apart (`engine.mixed_steps`). `RuntimeConfig` switches them
+(enforce_eager disables the graphs, decode_kernel=False the Triton decode path and with it the graphs). CPU and
+prefill steps always run the portable torch path.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine import mixed_steps
 from engine.config import CacheConfig, ModelConfig, RuntimeConfig, SchedulerConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.distributed.parallel_state import get_tp
@@ -187,7 +189,7 @@ class ModelRunner:
         decode = (counts == 1) & (starts > 0)
         if decode.all() or not decode.any():
             slots = inp.packed[BATCH_SLOT][to_device(qs[:-1].copy(), self.device)]  # [n] rows' batch slots
-            return self._rows_metadata(inp.packed[SLOT], starts, counts, slots)
+            return self.rows_metadata(inp.packed[SLOT], starts, counts, slots)
         dec, rest = np.flatnonzero(decode), np.flatnonzero(~decode)
         rest_tokens = np.repeat(qs[rest], counts[rest]) + np.arange(int(counts[rest].sum())) - \
             np.repeat(np.cumsum(counts[rest]) - counts[rest], counts[rest])
@@ -200,9 +202,9 @@ class ModelRunner:
             dec_meta = AttentionMetadata.for_decode(inp.packed[SLOT][dec_tokens], tokens[len(row_tokens):],
                                                     self.batch.tables[slots[:len(dec)], :width])
         else:
-            dec_meta = self._rows_metadata(inp.packed[SLOT][dec_tokens], starts[dec], counts[dec], slots[:len(dec)])
+            dec_meta = self.rows_metadata(inp.packed[SLOT][dec_tokens], starts[dec], counts[dec], slots[:len(dec)])
         rest_starts = np.cumsum(counts[rest]) - counts[rest]  # the rest rows' first tokens among theirs
-        rest_meta = self._rows_metadata(inp.packed[SLOT][rest_tokens_d], starts[rest], counts[rest],
+        rest_meta = self.rows_metadata(inp.packed[SLOT][rest_tokens_d], starts[rest], counts[rest],
                                         slots[len(dec):][to_device(rest_starts, self.device)])
         empty = inp.packed[SLOT].new_empty(0)
         return AttentionMetadata(slot_mapping=inp.packed[SLOT], query_start=[], seq_lens_host=[], seq_lens=empty,
@@ -210,7 +212,7 @@ class ModelRunner:
                                  max_query_len=int(counts.max()), all_fresh_prefill=False,
                                  parts=[(dec_tokens, dec_meta), (rest_tokens_d, rest_meta)])
 
-    def _rows_metadata(self, slot_mapping: torch.Tensor, starts: np.ndarray, counts: np.ndarray,
+    def rows_metadata(self, slot_mapping: torch.Tensor, starts: np.ndarray, counts: np.ndarray,
                        slots: torch.Tensor) -> AttentionMetadata:
         """Torch-path metadata of rows whose tokens are `slot_mapping`'s, in order: row b starts at position
         starts[b] with counts[b] new tokens; `slots`: [rows] their batch slots (on the device)."""
@@ -246,6 +248,9 @@ class ModelRunner:
         hooks = extension is not None and bool(out.transfers)
         graph = decode and self.graphs is not None and not hooks and n <= self.graphs.max_batch
         meta = None
+        split = None  # a mixed step's decode rows, replayed apart from its prompts (engine.mixed_steps)
+        if self.decode_kernel and self.graphs is not None and not hooks and not out.is_pure_decode:
+            split = mixed_steps.decode_rows(out, self.graphs.max_batch)
         if graph:  # inputs written straight into the graph's static buffers
             bucket = self.graphs.bucket_for(n)
             static, static_tables = self.graphs.static_inputs(bucket)
@@ -257,7 +262,7 @@ class ModelRunner:
             if decode:
                 tables = self.batch.tables[inp.packed[BATCH_SLOT]]  # [num_seqs, max blocks per sequence]
                 meta = AttentionMetadata.for_decode(inp.packed[SLOT], inp.packed[LENGTH], tables)
-            else:
+            elif split is None:
                 meta = self._torch_metadata(out, inp)
         if extension is not None:
             extension.begin_step(out)
@@ -266,6 +271,8 @@ class ModelRunner:
             if graph:
                 logits = self.graphs.replay(bucket, n)  # [n, vocab] float32
                 hidden = logits
+            elif split is not None:
+                logits = hidden = mixed_steps.run_split(self, out, inp, split)  # [sampling rows, vocab] float32
             else:
                 if extension is not None:
                     meta.on_layer_kv_written = extension.on_layer

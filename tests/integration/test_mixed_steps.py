@@ -1,13 +1,16 @@
 """Mixed steps: decode rows next to fresh prompts and prompt chunks in one step. Their decode rows attend apart
-from the rest (engine.runner `_torch_metadata` parts; the Triton decode kernel on CUDA), and every request's
-tokens are exactly those it gets alone."""
+from the rest (engine.runner `_torch_metadata` parts), or, where decode graphs exist (CUDA), replay the decode
+graph while the rest runs eagerly (`engine.mixed_steps`); every request's tokens are exactly those it gets alone."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from engine import EngineConfig, LLMEngine, SamplingParams
+from engine import EngineConfig, LLMEngine, SamplingParams, mixed_steps
+from engine.input_batch import LENGTH, POSITION, SLOT, TOKEN
+from engine.layers.attention_context import AttentionMetadata, attention_context
 from engine.runner import ModelRunner
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -58,9 +61,79 @@ def test_mixed_steps_give_each_request_its_tokens_alone(llama_dir, monkeypatch, 
             for out in eng.step():
                 alone.setdefault(rid, []).extend(out.new_token_ids)
         eng.shutdown()
+    splits: list[int] = []
+    run_split = mixed_steps.run_split
+
+    def split_spy(runner, out, inp, dec):
+        splits.append(len(dec))
+        return run_split(runner, out, inp, dec)
+
     monkeypatch.setattr(ModelRunner, "_torch_metadata", spy)
+    monkeypatch.setattr(mixed_steps, "run_split", split_spy)
     mixed = run(llama_dir, staggered=True, device=device)
     assert mixed == alone
     assert all(len(t) == 12 for t in mixed.values())
-    assert parts.count(2) >= 3, parts  # steps that were split into decode rows and the rest
+    if device == "cpu":
+        assert parts.count(2) >= 3 and not splits, parts  # steps that attended in two parts
+    else:
+        assert len(splits) >= 3, splits  # steps whose decode rows replayed the decode graph
+
+
+class EagerGraphs:
+    """Stands in for `DecodeGraphs` on CPU (no CUDA graphs there): the same static buffers and buckets, and a
+    `replay` that runs the model on the filled buffers' real rows (length > 0) with the torch path. Lets the CPU
+    check the mixed-step split's index plumbing: which rows replay, their inputs, where their logits land."""
+
+    def __init__(self, runner: ModelRunner, max_batch: int = 8) -> None:
+        self.runner, self.max_batch, self.buckets = runner, max_batch, [1, 4, 8]  # 2 and 3 rows: padded
+        self.packed = torch.zeros(4, max_batch, dtype=torch.int64)
+        self.tables = torch.zeros(max_batch, runner.batch.tables.shape[1], dtype=torch.int64)
+        self.replays: list[int] = []
+
+    def bucket_for(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
+    def static_inputs(self, bucket: int):
+        return self.packed[:, :bucket], self.tables[:bucket]
+
+    def replay(self, bucket: int, n: int) -> torch.Tensor:
+        p = self.packed[:, :bucket]
+        assert (p[SLOT, n:] == -1).all() and (p[LENGTH, n:] == 0).all()  # padding rows write and read nothing
+        assert (p[LENGTH, :n] == p[POSITION, :n] + 1).all()  # one new token after position's cached ones
+        self.replays.append(n)
+        pos = p[POSITION, :n]
+        meta = AttentionMetadata(slot_mapping=p[SLOT, :n], query_start=list(range(n + 1)),
+                                 seq_lens_host=p[LENGTH, :n].tolist(), seq_lens=p[LENGTH, :n],
+                                 block_tables=self.tables[:n], query_positions=pos[:, None],
+                                 query_pad_index=torch.arange(n), max_query_len=1, all_fresh_prefill=False)
+        with attention_context(meta):
+            return self.runner.model.compute_logits(self.runner.model(p[TOKEN, :n].clone(), pos.clone()))
+
+
+def test_split_mixed_steps_give_the_same_tokens(llama_dir, monkeypatch):
+    """The split path on CPU through `EagerGraphs`: decode rows of mixed steps (and pure-decode steps) replay
+    apart from the prompts and chunks, and every request gets exactly the tokens of the unsplit engine."""
+    baseline = run(llama_dir, staggered=True, device="cpu")
+    made: list[EagerGraphs] = []
+    original = ModelRunner.allocate_kv_cache
+
+    def with_graphs(self, num_blocks=None):
+        blocks = original(self, num_blocks)
+        self.graphs, self.decode_kernel = EagerGraphs(self), True
+        made.append(self.graphs)
+        return blocks
+
+    splits: list[np.ndarray] = []
+    run_split = mixed_steps.run_split
+
+    def split_spy(runner, out, inp, dec):
+        splits.append(dec)
+        return run_split(runner, out, inp, dec)
+
+    monkeypatch.setattr(ModelRunner, "allocate_kv_cache", with_graphs)
+    monkeypatch.setattr(mixed_steps, "run_split", split_spy)
+    assert run(llama_dir, staggered=True, device="cpu") == baseline
+    assert len(splits) >= 3 and made and len(made[0].replays) > len(splits)  # split steps and pure decodes
+    # a's decode next to b, c, d's prompts; then two decode rows (padded to the bucket of 4) next to c's chunks
+    assert [d.tolist() for d in splits] == [[0], [0, 1], [0, 1]]
 
