@@ -164,7 +164,7 @@ class RuntimeConfig:
 
     enforce_eager: bool = False  # no CUDA graphs for decode steps
     decode_kernel: bool = True  # Triton paged-attention decode on CUDA (off: the portable torch path)
-    fused_ops: bool = True  # fused Triton norm / rotary / SiLU kernels on CUDA
+    fused_ops: bool = True  # fused Triton norm / rotary / SiLU / RoPE+KV-store kernels, one-row matmuls on CUDA
     async_scheduling: bool | None = None  # None: on with CUDA, off on CPU
     # A worker's engine runs in a process of its own (worker_runtime.engine_core), apart from its gRPC service:
     # the two no longer share one GIL. Off: the engine loop is a thread of the service's process.
