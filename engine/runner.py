@@ -270,6 +270,8 @@ class ModelRunner:
             logits = None
             if graph:
                 logits = self.graphs.replay(bucket, n)  # [n, vocab] float32
+                if len(inp.sample_rows) < n:  # a one-token prompt chunk mid-prompt is a decode row that samples not
+                    logits = logits[to_device(inp.sample_rows, self.device)]
                 hidden = logits
             elif split is not None:
                 logits = hidden = mixed_steps.run_split(self, out, inp, split)  # [sampling rows, vocab] float32

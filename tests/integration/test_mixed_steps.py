@@ -137,3 +137,50 @@ def test_split_mixed_steps_give_the_same_tokens(llama_dir, monkeypatch):
     # a's decode next to b, c, d's prompts; then two decode rows (padded to the bucket of 4) next to c's chunks
     assert [d.tolist() for d in splits] == [[0], [0, 1], [0, 1]]
 
+
+
+def test_one_token_chunks_in_pure_decode_steps(llama_dir, monkeypatch):
+    """A 4-token budget with three requests decoding leaves one token per step for a fourth prompt: its chunks are
+    one token after cached ones, so those steps are "pure decode" with a row that does not sample. Through the
+    graph path (the eager stand-in on CPU) every request still gets exactly its tokens without graphs."""
+    prompts = {"a": [5, 6, 7], "b": [9, 10, 11, 12], "c": [40, 41], "d": [3 + i for i in range(9)]}
+
+    def go() -> dict[str, list[int]]:
+        eng = LLMEngine(EngineConfig.from_model_dir(llama_dir, dtype="float32", device="cpu", num_blocks=64,
+                                                    max_model_len=256, max_num_batched_tokens=4))
+        toks: dict[str, list[int]] = {rid: [] for rid in prompts}
+        for rid in "abc":
+            eng.add_request(rid, prompts[rid], SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
+        steps = 0
+        while eng.has_unfinished_requests() or steps < 6:
+            if steps == 5:
+                eng.add_request("d", prompts["d"], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+            for out in eng.step():
+                toks[out.request_id] += out.new_token_ids
+            steps += 1
+        eng.shutdown()
+        return toks
+
+    baseline = go()
+    graphs: list[EagerGraphs] = []
+    original = ModelRunner.allocate_kv_cache
+    non_sampling: list[int] = []
+
+    def with_graphs(self, num_blocks=None):
+        blocks = original(self, num_blocks)
+        self.graphs, self.decode_kernel = EagerGraphs(self), True
+        graphs.append(self.graphs)
+        return blocks
+
+    prepare = ModelRunner.execute
+
+    def spy(self, out, extension=None):
+        if out.is_pure_decode and any(i < 0 for i in out.output_index):
+            non_sampling.append(len(out.output_index))
+        return prepare(self, out, extension)
+
+    monkeypatch.setattr(ModelRunner, "allocate_kv_cache", with_graphs)
+    monkeypatch.setattr(ModelRunner, "execute", spy)
+    got = go()
+    assert non_sampling, "no pure-decode step with a one-token chunk happened"
+    assert got == baseline and [len(got[r]) for r in "abcd"] == [16, 16, 16, 4]
