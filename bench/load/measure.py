@@ -26,12 +26,13 @@ def _tokens_in(chunk: Any) -> int:
 
 
 async def measure_request(client: Any, spec: RequestSpec, index: int, run_t0: float, sampling: dict[str, Any],
-                          timeout: float | None = None) -> RequestRecord:
+                          timeout: float | None = None, start: float | None = None) -> RequestRecord:
     """Stream `spec` on `client` (an `AsyncClient`), recording when each token-carrying chunk arrived.
 
-    Never raises for a failed request: the failure is in the record's error fields. Cancellation propagates
-    (and cancels the call, so the server frees the request)."""
-    start = time.perf_counter()
+    `start`: the perf_counter time the request was released (the closed loop's decision to send it), so that a
+    run's duration bound and the record agree; default now. Never raises for a failed request: the failure is in
+    the record's error fields. Cancellation propagates (and cancels the call, so the server frees the request)."""
+    start = time.perf_counter() if start is None else start
     rec = RequestRecord(index=index, start_s=start - run_t0, prompt_len=spec.prompt_len, output_len=spec.output_len,
                         group=spec.group)
     try:

@@ -18,7 +18,7 @@ from bench.load.records import RequestRecord
 from bench.load.shares import Share
 from bench.load.workloads import Workload
 
-SendFn = Callable[[int], Awaitable[RequestRecord]]  # sends the i-th measured request, returns its record
+SendFn = Callable[[int, float | None], Awaitable[RequestRecord]]  # sends request i (released at that time or now)
 StartFn = Callable[[], Awaitable[float]]  # waits for the measured part to start; returns its t0 (perf_counter)
 
 
@@ -65,10 +65,10 @@ async def run_load(client: Any, workload: Workload, load: LoadConfig, sampling: 
     if progress is None:
         progress = Progress(opts.label, load.num_requests, load.duration, enabled=opts.progress)
 
-    async def one(i: int) -> RequestRecord:
+    async def one(i: int, released: float | None = None) -> RequestRecord:
         idx = _index(opts, i)
         rec = await measure_request(client, workload.request(idx), idx, t0, sampling_kwargs(sampling, opts.seed, idx),
-                                    opts.timeout)
+                                    opts.timeout, released)
         progress.update(rec)
         return rec
 
@@ -96,9 +96,9 @@ async def _open_loop(one: SendFn, load: LoadConfig, opts: RunOptions, t0: float)
 
     async def capped(i: int) -> RequestRecord:
         if sem is None:
-            return await one(i)
+            return await one(i, None)
         async with sem:
-            return await one(i)
+            return await one(i, None)
 
     # A worker process draws its own stream, keyed by its place among the workers.
     keys = () if opts.share is None else (opts.share.workers, opts.share.worker)
@@ -121,8 +121,10 @@ async def _closed_loop(one: SendFn, load: LoadConfig, t0: float) -> list[Request
     records: list[RequestRecord] = []
 
     async def user() -> None:  # one simulated user: sends its next request as soon as the previous one ends
-        while _more(i := next(counter), time.perf_counter() - t0, load):
-            records.append(await one(i))
+        # The time that decides whether request i may still go is its start: building the request after the
+        # check must not put a start past --duration.
+        while _more(i := next(counter), (now := time.perf_counter()) - t0, load):
+            records.append(await one(i, now))
 
     await asyncio.gather(*(user() for _ in range(load.concurrency)))
     return records
