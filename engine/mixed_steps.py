@@ -24,11 +24,22 @@ from engine.layers.attention_context import attention_context
 from engine.scheduler_output import SchedulerOutput
 
 
+def decode_mask(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """[rows] bool: the rows that are decode rows (one new token after cached ones)."""
+    return (counts == 1) & (starts > 0)
+
+
+def row_tokens(query_start: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The step token indices of `rows`' tokens, row after row, and each row's first token among them."""
+    counts = query_start[rows + 1] - query_start[rows]
+    first = np.cumsum(counts) - counts
+    return np.repeat(query_start[rows] - first, counts) + np.arange(int(counts.sum())), first
+
+
 def decode_rows(out: SchedulerOutput, max_batch: int) -> np.ndarray | None:
     """Row indices of the step's decode rows when it has both decode rows and other rows (and the decode rows fit
     a graph), else None (the step runs as one forward)."""
-    counts = np.asarray(out.num_tokens, dtype=np.int64)
-    decode = (counts == 1) & (np.asarray(out.starts, dtype=np.int64) > 0)
+    decode = decode_mask(np.asarray(out.starts, dtype=np.int64), np.asarray(out.num_tokens, dtype=np.int64))
     if decode.all() or not decode.any() or int(decode.sum()) > max_batch:
         return None
     return np.flatnonzero(decode)
@@ -42,9 +53,7 @@ def run_split(runner: Any, out: SchedulerOutput, inp: StepInputs, dec: np.ndarra
     counts = np.diff(qs)
     starts = np.asarray(out.starts, dtype=np.int64)
     rest = np.setdiff1d(np.arange(len(counts)), dec)
-    n_rest = int(counts[rest].sum())
-    rest_first = np.cumsum(counts[rest]) - counts[rest]  # each rest row's first token among the rest tokens
-    rest_tokens = np.repeat(qs[rest] - rest_first, counts[rest]) + np.arange(n_rest)  # their step token indices
+    rest_tokens, rest_first = row_tokens(qs, rest)
     sr = inp.sample_rows
     dec_sampled, rest_sampled = np.isin(dec, sr), np.isin(rest, sr)
     parts = [qs[dec], rest_tokens, rest_first, np.flatnonzero(dec_sampled), np.searchsorted(sr, dec[dec_sampled]),

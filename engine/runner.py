@@ -186,13 +186,12 @@ class ModelRunner:
         starts = np.asarray(out.starts, dtype=np.int64)
         qs = inp.query_start
         counts = np.diff(qs)
-        decode = (counts == 1) & (starts > 0)
+        decode = mixed_steps.decode_mask(starts, counts)
         if decode.all() or not decode.any():
             slots = inp.packed[BATCH_SLOT][to_device(qs[:-1].copy(), self.device)]  # [n] rows' batch slots
             return self.rows_metadata(inp.packed[SLOT], starts, counts, slots)
         dec, rest = np.flatnonzero(decode), np.flatnonzero(~decode)
-        rest_tokens = np.repeat(qs[rest], counts[rest]) + np.arange(int(counts[rest].sum())) - \
-            np.repeat(np.cumsum(counts[rest]) - counts[rest], counts[rest])
+        rest_tokens, rest_starts = mixed_steps.row_tokens(qs, rest)
         tokens = to_device(np.concatenate([qs[dec], rest_tokens, starts[dec] + 1]), self.device)
         dec_tokens, rest_tokens_d = tokens[:len(dec)], tokens[len(dec):len(dec) + len(rest_tokens)]
         row_tokens = tokens[:len(dec) + len(rest_tokens)]
@@ -203,7 +202,6 @@ class ModelRunner:
                                                     self.batch.tables[slots[:len(dec)], :width])
         else:
             dec_meta = self.rows_metadata(inp.packed[SLOT][dec_tokens], starts[dec], counts[dec], slots[:len(dec)])
-        rest_starts = np.cumsum(counts[rest]) - counts[rest]  # the rest rows' first tokens among theirs
         rest_meta = self.rows_metadata(inp.packed[SLOT][rest_tokens_d], starts[rest], counts[rest],
                                         slots[len(dec):][to_device(rest_starts, self.device)])
         empty = inp.packed[SLOT].new_empty(0)
