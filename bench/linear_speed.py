@@ -27,6 +27,7 @@ from bench.bench_models import SHAPES, copy_bandwidth, head_dim
 SKINNY = [(bn, bk, w, st) for bn in (8, 16, 32, 64) for bk in (128, 256, 512) for w in (4,) for st in (3,)
           if bn * bk <= 16384]
 PROLOGUE = {"qkv": "norm", "gate_up": "norm", "down": "silu"}  # the element-wise kernel before each matmul
+REFERENCE = {"norm_linear": "norm+cublas", "silu_linear": "silu+cublas"}  # what a fused kernel must equal
 
 
 def matrices(shape: str) -> list[tuple[str, int, int, int]]:
@@ -112,16 +113,11 @@ def main() -> None:
                 x = torch.randn(m, 2 * k if PROLOGUE.get(name) == "silu" else k, device="cuda").to(torch.bfloat16)
                 times: dict[str, tuple[float, object]] = {}
                 cands = candidates(name, m, k, x, not args.no_sweep)
-                ref = {kind: None for kind, _, _ in cands}
+                refs = {kind: fn(weights[0]).float() for kind, config, fn in cands if config is None}  # cuBLAS
                 for kind, config, fn in cands:
                     try:
-                        if ref[kind] is None:
-                            r = fn(weights[0]) if kind.endswith("cublas") else None
-                            ref[kind] = (r[0] if isinstance(r, tuple) else r).float() if r is not None else None
-                        base = "norm+cublas" if kind == "norm_linear" else "silu+cublas" if kind == "silu_linear" \
-                            else "cublas"
                         if config is not None:
-                            check(kind, fn, weights[0], ref[base])
+                            check(kind, fn, weights[0], refs[REFERENCE.get(kind, "cublas")])
                         us = graph_us(fn, weights)
                     except Exception as e:  # a config that fails to compile (shared memory) is skipped, said
                         print(f"  skip {kind} {config}: {str(e).splitlines()[0][:100]}", flush=True)

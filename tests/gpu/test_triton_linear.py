@@ -4,26 +4,13 @@ Runs on CUDA; without a GPU, float32 cases run in Triton's interpreter when trit
 TRITON_INTERPRET=1, otherwise everything is skipped.
 """
 
-import importlib.util
-import os
-
 import pytest
 import torch
+from triton_device import DEVICE, DTYPES, MARKS
 
 from engine.layers.norm import RMSNorm
 
-HAVE_TRITON = importlib.util.find_spec("triton") is not None
-if torch.cuda.is_available():
-    DEVICE = "cuda"
-elif HAVE_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
-    DEVICE = "cpu"
-else:
-    DEVICE = None
-
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE is None or not HAVE_TRITON,
-                                                  reason="needs CUDA and triton (or TRITON_INTERPRET=1)")]
-DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
-    DEVICE == "cpu", reason="the interpreter truncates float32 to bfloat16; GPUs round to nearest"))]
+pytestmark = MARKS
 CONFIG = (16, 128, 4, 2)  # small tiles: the test matrices are small
 
 

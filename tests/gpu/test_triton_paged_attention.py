@@ -4,22 +4,11 @@ Runs on CUDA; without a GPU it runs in Triton's interpreter when triton is insta
 (slow but exact enough to debug on a laptop), otherwise it is skipped.
 """
 
-import importlib.util
-import os
-
 import pytest
 import torch
+from triton_device import DEVICE, MARKS
 
-HAVE_TRITON = importlib.util.find_spec("triton") is not None
-if torch.cuda.is_available():
-    DEVICE = "cuda"
-elif HAVE_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
-    DEVICE = "cpu"
-else:
-    DEVICE = None
-
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE is None or not HAVE_TRITON,
-                                                  reason="needs CUDA and triton (or TRITON_INTERPRET=1)")]
+pytestmark = MARKS
 
 
 def random_paged(lens, hkv, d, block_size, dtype, seed):
